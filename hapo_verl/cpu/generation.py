@@ -13,8 +13,8 @@ Sampling, per row and per decode step (the vLLM order: logits processors, temper
 1. greedy rows (temperature < 1e-5, vLLM's epsilon): ``argmax`` of the raw logits; the reported log-prob is
    ``log_softmax(raw logits)`` at that token (what vLLM reports for greedy) and the reported temperature 0.
 2. adaptive rows (request ``extra_args`` with HAPO statistics, :func:`parse_adaptive_temperature_args`):
-   ``f = row_temperature_factor(raw logits, stats, tau, reference_compat)`` (entropy of the pre-temperature
-   distribution), effective temperature ``T * f`` in ``[T(1-tau), T(1+tau)]``. Other rows: ``T``.
+   ``f`` from the entropy of the pre-temperature distribution (``hapo_verl.vllm.fast_path.row_entropy``, the
+   logits processor's fast path, then ``row_temperature_factor_from_entropy``), effective temperature ``T * f`` in ``[T(1-tau), T(1+tau)]``. Other rows: ``T``.
 3. logits / effective temperature, then top-k, then top-p (nucleus on the tempered distribution).
 4. sample; the log-prob returned is that of the sampled token under exactly this distribution.
 
@@ -32,7 +32,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, parse_adaptive_temperature_args, row_temperature_factor
+from hapo_verl.algorithms.entropy import (
+    AdaptiveTemperatureRequest,
+    parse_adaptive_temperature_args,
+    row_temperature_factor_from_entropy,
+)
+from hapo_verl.vllm.fast_path import row_entropy
 
 logger = logging.getLogger("hapo_verl.cpu")
 
@@ -136,8 +141,10 @@ def sample_next_tokens(
             groups.setdefault(s.adaptive, []).append(i)
     for req, idx in groups.items():
         index = torch.tensor(idx, device=device)
-        factor[index] = row_temperature_factor(
-            logits.index_select(0, index), req.stats, req.tau, reference_compat=req.reference_compat
+        entropy = row_entropy(logits, rows=index)  # the logits processor's fast path (compiled CPU kernel)
+        st = req.stats
+        factor[index] = row_temperature_factor_from_entropy(
+            entropy, st.pivot, st.scale, st.pos_scale, st.neg_scale, req.tau, req.reference_compat
         ).float()
     eff_t = torch.where(greedy, torch.zeros_like(base_t), base_t * factor)
 

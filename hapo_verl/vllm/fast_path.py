@@ -1,15 +1,19 @@
 """Fused "row entropy -> adaptive-temperature factor -> in-place scale" on a [rows, vocab] block of logits.
 
-Pure torch, importable without vLLM (the CPU rollout uses it too). Per selected row r, with input scale a_r:
+Importable without vLLM or a compiler (nothing is built at import). Per selected row r, with input scale a_r:
 
     z        = a_r * x_r                                   logits the entropy is measured on
     H_r      = log s + E_p[m - z],  m = max z,  s = Σ exp(z - m)       (``token_entropy_from_logits``)
     f_r      = 1 + tau_r * clamp(ĥ(H_r; stats_r, mode_r), -1, 1)    (``row_temperature_factor_from_entropy``)
-    x_r     <- x_r / f_r                                   in place; a later division by T gives T * f_r
+    x_r     <- x_r * (1 / f_r)                             in place; a later division by T gives T * f_r
 
-Two backends, same math:
+Three backends, same math:
+- ``cpu_kernel`` (``hapo_verl.vllm.cpu_kernel``; the default on CPU when it builds): a small C kernel compiled on
+  first use; per row a max pass, one fused exp2/sum/dot pass, the factor and the in-place scaling, the row
+  staying in L2 after its first read; rows split over torch's thread count; no temporaries. Falls back to
+  ``torch`` (reason logged once) where there is no C compiler.
 - ``torch``: per chunk of rows, one amax pass, one "x - m" pass into a scratch buffer, one exp pass into a second
-  scratch buffer, a sum and a dot product per row (BLAS), then one in-place division. Scratch memory is bounded by ``chunk_rows``
+  scratch buffer, a sum and a dot product per row (BLAS), then one in-place scaling. Scratch memory is bounded by ``chunk_rows``
   rows (two [chunk_rows, vocab] fp32 buffers), never a full [rows, vocab] copy.
 - ``triton`` (``hapo_verl.vllm.triton_kernel``, imported lazily; GPU, or CPU tensors under TRITON_INTERPRET=1):
   one program per row, an online max / sum-exp / expectation pass and an in-place scale pass; no temporaries.
@@ -34,6 +38,7 @@ COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 DEFAULT_CHUNK_ROWS = 4
 #: set to "0" to never use the Triton kernel (e.g. to compare backends on a GPU)
 TRITON_ENV = "HAPO_VLLM_TRITON"
+BACKENDS = ("auto", "torch", "triton", "cpu_kernel")
 
 _TRITON_STATE: dict = {}
 
@@ -74,13 +79,32 @@ def triton_available() -> bool:
     return _TRITON_STATE["ok"]
 
 
+def prepare_backend(device: torch.device | str) -> str:
+    """Build/import what ``auto`` will use on ``device`` now (processors call it at construction, so the first
+    decode step does not pay a compile); returns the backend name ``auto`` picks for fp32 logits there."""
+    return choose_backend(torch.empty((1, 1), dtype=torch.float32, device=device))
+
+
 def choose_backend(logits: torch.Tensor, backend: str = "auto") -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    """``auto``: Triton on CUDA (unless HAPO_VLLM_TRITON=0), the compiled kernel on CPU when it builds
+    (unless HAPO_VERL_CPU_KERNEL=0), else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu_kernel":
+        from hapo_verl.vllm import cpu_kernel
+
+        if not cpu_kernel.supports(logits):
+            raise ValueError("backend 'cpu_kernel' needs fp32 CPU logits with contiguous rows, got "
+                             f"{logits.dtype} on {logits.device} with strides {tuple(logits.stride())}")
     if backend != "auto":
         return backend
     if logits.device.type == "cuda" and os.environ.get(TRITON_ENV, "1") != "0" and triton_available():
         return "triton"
+    if logits.device.type == "cpu":
+        from hapo_verl.vllm import cpu_kernel
+
+        if cpu_kernel.supports(logits) and cpu_kernel.available():
+            return "cpu_kernel"
     return "torch"
 
 
@@ -89,14 +113,20 @@ def row_entropy(
     input_scale: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Entropy (nats) of softmax(input_scale * logits[rows]) per row, same value as ``token_entropy_from_logits``.
 
-    ``-inf`` entries contribute 0, a one-hot row gives 0, an all ``-inf`` row gives 0. Scratch memory: two
-    [chunk_rows, vocab] fp32 buffers (plus one more for the gathered rows when ``rows`` is given).
+    ``-inf`` entries contribute 0, a one-hot row gives 0, an all ``-inf`` row gives 0. Torch backend scratch
+    memory: two [chunk_rows, vocab] fp32 buffers (plus one more for the gathered rows when ``rows`` is given);
+    the CPU kernel needs none. (``triton`` has no entropy-only entry point: it falls back to torch here.)
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
+    if choose_backend(logits, backend) == "cpu_kernel":
+        from hapo_verl.vllm import cpu_kernel
+
+        return cpu_kernel.row_entropy(logits, rows, input_scale)
     n = logits.shape[0] if rows is None else rows.numel()
     out = torch.empty(n, dtype=torch.float32, device=logits.device)
     for start, block in _row_blocks(logits, rows, chunk_rows):
@@ -155,8 +185,13 @@ def apply_packed_(
         raise ValueError(f"params must be [{k}, {NUM_PARAMS}], got {tuple(params.shape)}")
     if k == 0:
         return torch.ones(0, dtype=torch.float32, device=logits.device)
-    if choose_backend(logits, backend) == "triton":
+    chosen = choose_backend(logits, backend)
+    if chosen == "triton":
         from hapo_verl.vllm.triton_kernel import adaptive_temperature_
+
+        return adaptive_temperature_(logits, params, rows)
+    if chosen == "cpu_kernel":
+        from hapo_verl.vllm.cpu_kernel import adaptive_temperature_
 
         return adaptive_temperature_(logits, params, rows)
     return _apply_packed_torch_(logits, params, rows, chunk_rows)
@@ -239,7 +274,7 @@ def _apply_packed_torch_(logits, params, rows, chunk_rows):
         p = params[start:stop] if idx is None else params[idx]
         h = _block_entropy(block, p[:, c["input_scale"]] if use_a else None, d_buf[:k], e_buf[:k])
         fb = factors_from_entropy(h, p)
-        block.div_(fb.reshape(-1, 1))
+        block.mul_(fb.reciprocal().reshape(-1, 1))  # scale by 1/f, as the kernels do
         if rows is None and idx is None:
             f[start:stop] = fb
         else:

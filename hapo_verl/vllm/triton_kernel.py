@@ -6,7 +6,7 @@ Runs on GPU, or on CPU tensors with ``TRITON_INTERPRET=1`` (how the tests check 
 Per row: pass 1 streams the row once keeping the running max m, s = Σ exp(z - m) and t = Σ exp(z - m)(z - m)
 (rescaled when m grows: α = exp(m_old - m_new), t <- α (t + (m_old - m_new) s), s <- α s), so
 H = log s - t / s with no [rows, vocab] temporary; then the factor f (same rule as
-``hapo_verl.algorithms.entropy.row_temperature_factor_from_entropy``); pass 2 divides the row by f in place.
+``hapo_verl.algorithms.entropy.row_temperature_factor_from_entropy``); pass 2 multiplies the row by 1/f in place.
 Memory traffic: 2 reads + 1 write of the row.
 """
 
@@ -88,12 +88,13 @@ def _adaptive_temperature_kernel(
     h_hat = tl.minimum(tl.maximum(h_hat, -1.0), 1.0)
     f = 1.0 + tau * h_hat
     tl.store(factors_ptr + pid, f)
+    r = 1.0 / f  # scale by 1/f, as the torch path and the CPU kernel do
 
     for i in range(0, V, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         msk = offs < V
         x = tl.load(base + offs, mask=msk)
-        tl.store(base + offs, x / f, mask=msk)
+        tl.store(base + offs, x * r, mask=msk)
 
 
 def adaptive_temperature_(
