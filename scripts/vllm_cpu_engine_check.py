@@ -13,7 +13,10 @@ It builds a tiny random Qwen2 (head_dim 64: vLLM's CPU attention supports 32, 64
 1. a request whose statistics put every row at ĥ = +1 samples exactly the tokens of a plain request at
    temperature T·(1 + τ) (processed log-probs equal too);
 2. a request without statistics samples exactly the tokens of a plain request at T;
-3. a request with an invalid tau is rejected by ``validate_params`` with the key in the message.
+3. a request with an invalid tau is rejected by ``validate_params`` with the key in the message;
+4. ``collective_rpc(collect_factor_summaries)`` reads the processor's factor summary from the engine's worker:
+   one factor per adaptive decode step, all equal to 1 + τ, and the fast-path backend it ran on (the compiled
+   CPU kernel where a C compiler exists).
 Prints PASS/FAIL per check; exit code 1 on any failure.
 """
 
@@ -45,6 +48,10 @@ def build_model(path: str) -> None:
 
 
 def main() -> int:
+    import os
+
+    # vLLM sends a function to its workers (collective_rpc) only with this opt-in (pickle instead of msgpack)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
 
     from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats
@@ -68,8 +75,21 @@ def main() -> int:
             out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
             return list(out.token_ids), [next(iter(lp.values())).logprob for lp in out.logprobs]
 
+        from hapo_verl.vllm.processors import collect_factor_summaries
+
+        llm.collective_rpc(collect_factor_summaries)  # reset what warm-up may have recorded
         checks = []
         tokens_hot, lp_hot = sample(temperature, hot)
+        summaries = [s for per_worker in llm.collective_rpc(collect_factor_summaries) for s in per_worker]
+        results["factor_summaries"] = summaries
+        summary = summaries[0] if summaries else {}
+        checks.append(("factor summary from the engine: one f = 1 + tau per adaptive token",
+                       summary.get("count") == n_tokens and abs(summary.get("min", 0) - (1 + tau)) < 1e-5
+                       and abs(summary.get("max", 0) - (1 + tau)) < 1e-5))
+        from hapo_verl.vllm import cpu_kernel
+
+        want = "cpu_kernel" if cpu_kernel.available() else "torch"
+        checks.append((f"processor ran on the {want} backend", summary.get("backend") == want))
         tokens_ref, lp_ref = sample(temperature * (1 + tau))
         tokens_plain, _ = sample(temperature)
         checks.append(("adaptive request == plain request at T*(1+tau)", tokens_hot == tokens_ref))

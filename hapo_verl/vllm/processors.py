@@ -247,12 +247,13 @@ else:
 
 def collect_factor_summaries(worker, reset: bool = True) -> list[dict]:
     """For ``LLM.collective_rpc(collect_factor_summaries)``: the factor summaries of our processors in a V1-runner
-    worker (``worker.model_runner.input_batch.logitsprocs``). Returns [] when none is found."""
+    worker (``worker.model_runner.input_batch.logitsprocs``), each with the fast-path ``backend`` it runs on.
+    Returns [] when none is found."""
     out = []
     runner = getattr(worker, "model_runner", None)
     batch = getattr(runner, "input_batch", None)
     procs = getattr(getattr(batch, "logitsprocs", None), "all", None) or []
     for proc in procs:
         if isinstance(proc, _FactorRecorder):
-            out.append(proc.factor_summary(reset=reset))
+            out.append({**proc.factor_summary(reset=reset), "backend": getattr(proc, "backend", None)})
     return out
