@@ -75,6 +75,18 @@ def test_statistics_reach_step_two_requests_only(hapo_run):
     assert metrics[2]["hapo/rollout/temperature_max"] > metrics[2]["hapo/rollout/temperature_min"]
 
 
+def test_trainer_side_temperature_estimate_matches_what_the_rollout_did(hapo_run):
+    # vLLM cannot return per-token factors; the trainer recomputes T*f from the old-policy entropy and the
+    # statistics the requests carried. The CPU rollout reports the real ones: per token they must agree.
+    _, _, metrics = hapo_run
+    assert "hapo/rollout/temperature_est_mean" not in metrics[1]  # step 1 sent no statistics
+    m = metrics[2]
+    assert m["hapo/rollout/temperature_est_max_abs_err"] < 1e-3
+    for stat in ("min", "mean", "max"):
+        assert m[f"hapo/rollout/temperature_est_{stat}"] == pytest.approx(m[f"hapo/rollout/temperature_{stat}"],
+                                                                          abs=1e-3)
+
+
 def test_checkpoint_then_resume_restores_statistics(hapo_run):
     out, _, metrics = hapo_run
     state = json.load(open(out / "hapo" / "checkpoints" / "global_step_2" / "hapo_state.json"))

@@ -166,6 +166,41 @@ class TestTrainerOverrides:
             batch = trainer._next_train_batch()
         assert tu.get_non_tensor_data(batch, SAMPLING_ARGS_FIELD, None) is None
 
+    @pytest.mark.parametrize("compat", [False, True])
+    def test_rollout_temperature_estimate_by_hand(self, tmp_path, compat):
+        """T*f recomputed per valid token from the entropy and the statistics the requests carried; compared
+        token by token with what the rollout reported, when it reports."""
+        import math
+
+        import torch
+
+        trainer = make_stub_trainer(tmp_path, ["actor_rollout_ref.rollout.temperature=0.7",
+                                               f"hapo.reference_compat={str(compat).lower()}"])
+        sent = EntropyStats(pivot=0.0, scale=2.0, pos_scale=0.5, neg_scale=0.25, num_tokens=5)
+        entropy = torch.tensor([[math.e, 1.0, 9.9], [math.exp(-2.0), 5.0, 5.0]])
+        mask = torch.tensor([[True, True, False], [True, False, False]])
+        # h = (log H - 0) / 2: e -> 0.5, 1 -> 0, e^-2 -> -1. Default: h*0.5 if h > 0 else h*0.25; fork: |h|*...
+        # (and its floors 1e-6, scale + 1e-6); f = 1 + 0.05 * clamp(h_hat, -1, 1); temperature 0.7 * f
+        eps = 1e-6 if compat else 0.0
+        h = [0.5 * 2.0 / (2.0 + eps), 0.0, -1.0 * 2.0 / (2.0 + eps)]
+        h_hat = [x * 0.5 if x > 0 else (abs(x) if compat else x) * 0.25 for x in h]
+        expected = [0.7 * (1 + 0.05 * x) for x in h_hat]
+        reported = [[expected[0] + 1e-4, expected[1]], [expected[2]]]
+        extras = [{"hapo_token_temperatures": r, "hapo_stats_sent": True} for r in reported]
+        fake = SimpleNamespace(get=lambda key, default=None: extras if key == "extra_fields" else default)
+        with mock.patch("transfer_queue.kv_batch_get", lambda **kw: fake):
+            out = trainer._rollout_temperature_metrics(SimpleNamespace(keys=[0, 1], partition_id="p"), entropy,
+                                                       mask, sent)
+            none_sent = trainer._rollout_temperature_metrics(SimpleNamespace(keys=[0, 1], partition_id="p"),
+                                                             entropy, mask, None)
+        assert out["hapo/rollout/requests_with_stats"] == 2.0
+        assert out["hapo/rollout/temperature_est_min"] == pytest.approx(min(expected), abs=1e-6)
+        assert out["hapo/rollout/temperature_est_max"] == pytest.approx(max(expected), abs=1e-6)
+        assert out["hapo/rollout/temperature_est_mean"] == pytest.approx(sum(expected) / 3, abs=1e-6)
+        assert out["hapo/rollout/temperature_est_max_abs_err"] == pytest.approx(1e-4, abs=1e-6)
+        assert "hapo/rollout/temperature_est_mean" not in none_sent  # step 1: nothing was sent
+        assert none_sent["hapo/rollout/temperature_mean"] == pytest.approx(sum(sum(r) for r in reported) / 3)
+
     def test_update_actor_sends_batch_stats_or_fails(self, tmp_path):
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 

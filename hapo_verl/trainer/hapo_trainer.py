@@ -30,6 +30,7 @@ from hapo_verl.algorithms.entropy import (
     EntropyStats,
     compute_entropy_stats,
     entropy_score,
+    row_temperature_factor_from_entropy,
 )
 from hapo_verl.trainer.agent_loop import SAMPLING_ARGS_FIELD
 from hapo_verl.trainer.ppo_loss import STATS_FIELD, hapo_ppo_loss
@@ -113,12 +114,13 @@ class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
             )
         padded = data.to_padded_tensor()
         entropy, mask = padded["entropy"].float(), padded["response_mask"].bool()
+        sent_stats = self.hapo_rollout_stats  # what this step's requests carried (None at step 1)
         stats = compute_entropy_stats(entropy, mask, self.hapo.entropy_pivot)
         self.hapo_step_stats = stats
         self.hapo_rollout_stats = stats  # used by the next step's generation requests
         self._hapo_entropy = (entropy, mask)
         metrics.update(self._entropy_metrics(entropy, mask, stats))
-        metrics.update(self._rollout_temperature_metrics(batch))
+        metrics.update(self._rollout_temperature_metrics(batch, entropy, mask, sent_stats))
         return batch
 
     def _entropy_metrics(self, entropy, mask, stats: EntropyStats) -> dict:
@@ -134,24 +136,47 @@ class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
                         "hapo/h_hat/positive_frac": (h_hat > 0).float().mean().item()})
         return out
 
-    def _rollout_temperature_metrics(self, batch) -> dict:
-        """min/mean/max of the per-token effective temperatures reported by the rollout, if it reports them."""
+    def _rollout_temperature_metrics(self, batch, entropy=None, mask=None, sent_stats=None) -> dict:
+        """Effective per-token sampling temperatures of this step's rollout.
+
+        ``hapo/rollout/temperature_{min,mean,max}``: as reported by the rollout (the CPU rollout reports every
+        token's T*f; vLLM has no per-token side channel). ``hapo/rollout/temperature_est_{min,mean,max}``: T*f
+        recomputed from the old-policy entropy with the statistics this step's requests carried, for any rollout
+        (exact for T = 1 without penalties, up to rollout-vs-actor numerics; for T != 1 the actor's entropy is of
+        z/T while the processor measured z). Where both exist per token, ``temperature_est_max_abs_err`` compares
+        them.
+        """
         import transfer_queue as tq
 
         try:
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+            extras = [getattr(e, "data", e) or {} for e in _as_list(data.get("extra_fields", None))]
         except Exception:  # noqa: BLE001 - a rollout that reports nothing
-            return {}
-        values, sent = [], 0
-        for extra in _as_list(data.get("extra_fields", None)):
-            extra = getattr(extra, "data", extra) or {}
-            values.extend(extra.get(TOKEN_TEMPERATURES_KEY, []) or [])
-            sent += int(bool(extra.get("hapo_stats_sent", False)))
+            extras = []
+        reported = [list(e.get(TOKEN_TEMPERATURES_KEY, []) or []) for e in extras]
+        sent = sum(int(bool(e.get("hapo_stats_sent", False))) for e in extras)
         out = {"hapo/rollout/requests_with_stats": float(sent)}
+        values = [t for per_sample in reported for t in per_sample]
         if values:
             t = np.asarray(values, dtype=np.float64)
             out.update({"hapo/rollout/temperature_min": float(t.min()), "hapo/rollout/temperature_mean": float(t.mean()),
                         "hapo/rollout/temperature_max": float(t.max())})
+        if not (self.hapo.adaptive_temperature and sent and sent_stats is not None and entropy is not None):
+            return out
+        temperature = float(self.config.actor_rollout_ref.rollout.temperature)
+        st = sent_stats
+        est = temperature * row_temperature_factor_from_entropy(
+            entropy, st.pivot, st.scale, st.pos_scale, st.neg_scale, self.hapo.temperature_tau,
+            self.hapo.reference_compat).double()
+        valid = est[mask]
+        if valid.numel():
+            out.update({"hapo/rollout/temperature_est_min": valid.min().item(),
+                        "hapo/rollout/temperature_est_mean": valid.mean().item(),
+                        "hapo/rollout/temperature_est_max": valid.max().item()})
+        lengths = mask.sum(dim=-1).tolist()
+        if len(reported) == len(lengths) and all(len(r) == n for r, n in zip(reported, lengths)) and values:
+            exact = torch.tensor(values, dtype=torch.float64)
+            out["hapo/rollout/temperature_est_max_abs_err"] = (valid - exact).abs().max().item()
         return out
 
     # ---------------------------------------------------------------- 3. estimator with entropy

@@ -1,10 +1,10 @@
 /* Adaptive temperature on fp32 logits on the CPU: the compiled backend of hapo_verl/vllm/fast_path.py (built on
  * first use by hapo_verl/vllm/cpu_kernel.py with the machine's C compiler). Same per-row rule as the Triton kernel
- * (hapo_verl/vllm/triton_kernel.py): entropy -> factor f -> row /= f in place.
+ * (hapo_verl/vllm/triton_kernel.py): entropy -> factor f -> row *= 1/f in place.
  *
  * Why C: the entropy needs one exp per logit, and eager torch's exp alone costs about five elementwise passes on
  * a 2-core x86 machine. Here the exp is a short base-2 polynomial fused with the sums, and each row is finished
- * (max, exp/sum/dot, factor, division) before the next starts, so after the first read it is served from L2.
+ * (max, exp/sum/dot, factor, scaling) before the next starts, so after the first read it is served from L2.
  *
  * Math, per selected row r with input scale a_r > 0 (z = a_r * x_r, m = max z):
  *     d_i   = (z_i - m) * log2(e)                   <= 0, in base-2 units
@@ -93,8 +93,7 @@ int hapo_kernel_abi(void) { return HAPO_KERNEL_ABI; }
 int hapo_kernel_simd(void) { return HAPO_SIMD; }
 
 static inline float exp2_scalar(float d, float *dc_out) {
-    float dc = d > D_MIN ? d : D_MIN; /* also maps -inf (and NaN) to D_MIN */
-    if (d != d) dc = d;               /* keep NaN visible */
+    float dc = d > D_MIN ? d : D_MIN; /* also maps -inf to D_MIN (rows holding NaN never get here) */
     float np = dc + ROUND_MAGIC;
     float n = np - ROUND_MAGIC;
     float f = dc - n;
