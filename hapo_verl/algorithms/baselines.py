@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from hapo_verl.algorithms.policy_loss import dual_clip_token_losses
+
 
 def validate_quantile(value, key: str, allow_zero: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -58,19 +60,8 @@ def dual_clip_ppo_token_loss(
         clipped_ratio = torch.minimum(torch.maximum(ratio, lower), upper)
     else:
         clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * clipped_ratio
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    negative = advantages < 0
-    pg_losses = torch.where(negative, clip_pg_losses2, clip_pg_losses1)
-    info = {
-        "clipped": torch.gt(pg_losses2, pg_losses1),
-        "clipped_lower": torch.gt(clip_pg_losses1, pg_losses3) & negative,
-        "log_ratio": log_ratio,
-    }
-    return pg_losses, info
+    pg_losses, clipped, clipped_lower = dual_clip_token_losses(advantages, ratio, clipped_ratio, clip_ratio_c)
+    return pg_losses, {"clipped": clipped, "clipped_lower": clipped_lower, "log_ratio": log_ratio}
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,27 @@ def redistribute_advantage(
     return redistributed, modulated
 
 
+def dual_clip_token_losses(
+    advantages: torch.Tensor, ratio: torch.Tensor, clipped_ratio: torch.Tensor, clip_ratio_c: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """verl's dual-clip PPO token loss (``compute_policy_loss_vanilla`` before aggregation), op for op so that the
+    result is bit-equal, given the ratio and its clipped value (clip ranges may be per-token tensors).
+
+    Returns the (B, L) loss and two boolean masks: ``clipped`` (the clipped branch is active) and
+    ``clipped_lower`` (the dual-clip bound -A·c is active, negative advantages only)."""
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * clipped_ratio
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    negative = advantages < 0
+    pg_losses = torch.where(negative, clip_pg_losses2, clip_pg_losses1)
+    with torch.no_grad():
+        clipped = torch.gt(pg_losses2, pg_losses1)
+        clipped_lower = torch.gt(clip_pg_losses1, pg_losses3).logical_and_(negative)
+    return pg_losses, clipped, clipped_lower
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     # a dot product reads both tensors once and allocates nothing
     return torch.dot(values.detach().reshape(-1).to(mask.dtype), mask.reshape(-1)) / count
@@ -104,24 +125,16 @@ def hapo_policy_loss(
         clipped_ratio = torch.minimum(torch.maximum(ratio, lower), upper)
     else:
         clipped_ratio = torch.clamp(ratio, lower, upper)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * clipped_ratio
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    negative = advantages < 0
-    pg_losses = torch.where(negative, clip_pg_losses2, clip_pg_losses1)
+    pg_losses, clipped, clipped_lower = dual_clip_token_losses(advantages, ratio, clipped_ratio, clip_ratio_c)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     loss = aggregate(pg_losses, response_mask)
 
     with torch.no_grad():
-        clipped = torch.gt(pg_losses2, pg_losses1)
         metrics = {
             "pg_clipfrac": _masked_mean(clipped, mask_f, count),
             "ppo_kl": -_masked_mean(log_ratio.detach(), mask_f, count),
-            "pg_clipfrac_lower": _masked_mean(torch.gt(clip_pg_losses1, pg_losses3).logical_and_(negative),
-                                              mask_f, count),
+            "pg_clipfrac_lower": _masked_mean(clipped_lower, mask_f, count),
         }
         if h_hat is not None:
             high = (h_hat > 0).to(mask_f.dtype).mul_(mask_f)
