@@ -12,8 +12,6 @@ The checkpoint is an HF model directory with the tokenizer and chat template (wh
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hapo_verl.bench_learning.task import Codec, ProblemSampler, TaskConfig, build_model, build_tokenizer
+from hapo_verl.supervised import answer_only_batch, file_lock, train_until_accurate
 
 
 @dataclass(frozen=True)
@@ -40,17 +39,6 @@ class WarmupSettings:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def checkpoint_dir(cache_root: str | Path, task: TaskConfig, settings: WarmupSettings, seed: int) -> Path:
     return Path(cache_root).expanduser().resolve() / f"{task.kind}{task.digits}_{task.key()}_{settings.key()}" / f"seed{seed}"
 
@@ -61,7 +49,7 @@ def ensure_warm_checkpoint(cache_root: str | Path, task: TaskConfig, seed: int,
     settings = settings or WarmupSettings()
     root = checkpoint_dir(cache_root, task, settings, seed)
     done = root / "warmup.json"
-    with _locked(root.parent / f".seed{seed}.lock"):
+    with file_lock(root.parent / f".seed{seed}.lock"):
         if done.is_file():
             return str(root / "model"), json.loads(done.read_text())
         tmp = root.parent / f".seed{seed}.tmp"
@@ -88,42 +76,24 @@ def _warm_up(model_dir: Path, task: TaskConfig, seed: int, cfg: WarmupSettings, 
         sampler = ProblemSampler(task, seed + 100_000)
         check = ProblemSampler(task, 999_983).sample(cfg.check_problems)
         torch.manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        P = task.prompt_len
         start = time.time()
-        step, acc, reached, history, loss_value = 0, 0.0, False, [], float("nan")
-        model.train()
-        while step < cfg.max_steps:
+
+        def next_batch():  # fixed-length prompts, no padding inside them: the model sees no attention mask
             problems = sampler.sample(cfg.batch_size)
-            answers = [codec.answer_ids(a, b) for a, b in problems]
-            width = P + max(len(x) for x in answers)
-            ids = torch.full((len(problems), width), codec.pad, dtype=torch.long)
-            labels = torch.full((len(problems), width), -100, dtype=torch.long)
-            for row, ((a, b), ans) in enumerate(zip(problems, answers)):
-                seq = codec.prompt_ids(a, b) + ans
-                ids[row, :len(seq)] = torch.tensor(seq)
-                labels[row, P:len(seq)] = torch.tensor(ans)
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_value = float(loss.detach())
-            if step % cfg.check_every == 0:
-                acc = greedy_accuracy(model, codec, check)
-                history.append((step, round(acc, 4), round(loss_value, 4)))
-                if acc >= cfg.target_accuracy:
-                    reached = True
-                    break
-        model.eval()
+            return answer_only_batch([(codec.prompt_ids(a, b), codec.answer_ids(a, b)) for a, b in problems],
+                                     codec.pad, attention_mask=False)
+
+        run = train_until_accurate(model, next_batch, lambda step: greedy_accuracy(model, codec, check),
+                                   lr=cfg.lr, grad_clip=cfg.grad_clip, max_steps=cfg.max_steps,
+                                   check_every=cfg.check_every, target_accuracy=cfg.target_accuracy)
         model.save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
-        outcome = {"seed": seed, "steps": step, "seconds": round(time.time() - start, 2),
-                   "check_accuracy": round(acc, 4), "reached_target": reached, "final_loss": round(loss_value, 4),
-                   "settings": asdict(cfg), "task": task.to_dict(), "history": history, "threads": threads}
+        outcome = {"seed": seed, "steps": run.steps, "seconds": round(time.time() - start, 2),
+                   "check_accuracy": round(run.accuracy, 4), "reached_target": run.reached_target,
+                   "final_loss": round(run.final_loss, 4), "settings": asdict(cfg), "task": task.to_dict(),
+                   "history": run.history, "threads": threads}
     finally:
         torch.set_num_threads(prev)
     log(f"[bench] warm-up seed {seed}: {outcome['steps']} steps, {outcome['seconds']:.0f} s, check accuracy "
-        f"{outcome['check_accuracy']:.3f} (target {cfg.target_accuracy}{'' if reached else ', NOT reached'})")
+        f"{outcome['check_accuracy']:.3f} (target {cfg.target_accuracy}{'' if run.reached_target else ', NOT reached'})")
     return outcome

@@ -22,8 +22,6 @@ callers (pytest workers, Ray processes) see either nothing or the complete set.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import random
@@ -33,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hapo_verl.cpu.reward import DATA_SOURCE
+from hapo_verl.supervised import answer_only_batch, file_lock, train_until_accurate
 
 #: bump when the generated content changes; a cache with another version is rebuilt
 ASSETS_VERSION = 2
@@ -239,63 +238,31 @@ def warm_up(model_dir: Path, config: WarmupConfig | None = None, log=print) -> d
             examples.append((prompt, answer))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        model.train()
         start = time.time()
-        step, accuracy, reached, loss_value, history = 0, 0.0, False, float("nan"), []
-        while step < cfg.max_steps:
+
+        def next_batch():
             idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen).tolist()
-            width = max(len(examples[i][0]) + len(examples[i][1]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # right padding; labels only on the answer (HF shifts them)
-                prompt, answer = examples[i]
-                seq = prompt + answer
-                input_ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-                labels[row, len(prompt):len(seq)] = torch.tensor(answer)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_value = float(loss.detach())
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                model.eval()
-                accuracy = sampled_accuracy(model, tokenizer, held_out, samples=cfg.eval_samples,
-                                            seed=cfg.seed + step)
-                model.train()
-                history.append((step, round(accuracy, 4)))
-                if accuracy >= cfg.target_accuracy:
-                    reached = True
-                    break
-        model.eval()
+            return answer_only_batch([examples[i] for i in idx], pad)
+
+        run = train_until_accurate(
+            model, next_batch,
+            lambda step: sampled_accuracy(model, tokenizer, held_out, samples=cfg.eval_samples, seed=cfg.seed + step),
+            lr=cfg.lr, grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, check_every=cfg.eval_every,
+            target_accuracy=cfg.target_accuracy, check_last_step=True)
         greedy = sampled_accuracy(model, tokenizer, held_out, temperature=0.0)
         model.save_pretrained(str(model_dir))
-        outcome = {"steps": step, "seconds": round(time.time() - start, 2), "sampled_accuracy": round(accuracy, 4),
-                   "greedy_accuracy": round(greedy, 4), "target_accuracy": cfg.target_accuracy,
-                   "reached_target": reached, "final_loss": round(loss_value, 4), "held_out_prompts": len(held_out),
-                   "warmup_problems": len(examples), "threads": torch.get_num_threads(), "history": history,
-                   "config": asdict(cfg)}
+        outcome = {"steps": run.steps, "seconds": round(time.time() - start, 2),
+                   "sampled_accuracy": round(run.accuracy, 4), "greedy_accuracy": round(greedy, 4),
+                   "target_accuracy": cfg.target_accuracy, "reached_target": run.reached_target,
+                   "final_loss": round(run.final_loss, 4), "held_out_prompts": len(held_out),
+                   "warmup_problems": len(examples), "threads": torch.get_num_threads(),
+                   "history": [(step, acc) for step, acc, _ in run.history], "config": asdict(cfg)}
     finally:
         torch.set_num_threads(prev_threads)
     log(f"[hapo_verl] tiny model warm-up: {outcome['steps']} steps, {outcome['seconds']:.1f} s, held-out accuracy "
         f"sampled(T=1) {outcome['sampled_accuracy']:.3f} / greedy {outcome['greedy_accuracy']:.3f} "
-        f"(target {cfg.target_accuracy}{'' if reached else ', NOT reached: step cap'})")
+        f"(target {cfg.target_accuracy}{'' if run.reached_target else ', NOT reached: step cap'})")
     return outcome
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_complete(root: Path) -> bool:
@@ -315,7 +282,7 @@ def ensure_tiny_assets(root: str | os.PathLike | None = None, warmup: WarmupConf
     root = cache_dir(root)
     if _is_complete(root):
         return _assets_for(root)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with file_lock(root.parent / f".{root.name}.lock"):
         if _is_complete(root):
             return _assets_for(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
