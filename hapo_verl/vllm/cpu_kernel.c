@@ -72,7 +72,7 @@ static inline double v_hsum(vf v) { /* in double: a lane holding the max (1.0) m
 #define HAPO_SIMD 0
 #endif
 
-#define HAPO_KERNEL_ABI 3
+#define HAPO_KERNEL_ABI 4
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453
 #define D_MIN (-125.0f)
@@ -223,10 +223,10 @@ typedef struct {
     float *logits;
     int64_t row_stride, vocab;
     const int64_t *rows;
-    const float *param; /* op 0: input scale, op 1: factor (one per selected row; NULL = 1), op 2: [n, 8] table */
+    const float *param; /* op 0: input scale per selected row (NULL = 1); op 1: the [n, 8] parameter table */
     float *out;
     int64_t begin, end;
-    int op; /* 0 = entropy, 1 = scale by 1/factor, 2 = adaptive temperature */
+    int op; /* 0 = entropy, 1 = adaptive temperature */
     floors_t floors;
 } job_t;
 
@@ -235,7 +235,7 @@ static void *run_job(void *arg) {
     for (int64_t k = j->begin; k < j->end; k++) {
         int64_t r = j->rows ? j->rows[k] : k;
         float *x = j->logits + r * j->row_stride;
-        if (j->op == 2) {
+        if (j->op == 1) {
             const float *p = j->param + k * N_PARAMS;
             float f = 1.0f;
             if (p[C_ENABLED] != 0.0f) {
@@ -245,11 +245,7 @@ static void *run_job(void *arg) {
             j->out[k] = f;
             continue;
         }
-        float p = j->param ? j->param[k] : 1.0f;
-        if (j->op == 0)
-            j->out[k] = row_entropy(x, j->vocab, p);
-        else if (p != 1.0f)
-            row_scale(x, j->vocab, 1.0f / p);
+        j->out[k] = row_entropy(x, j->vocab, j->param ? j->param[k] : 1.0f);
     }
     return NULL;
 }
@@ -286,20 +282,13 @@ int hapo_row_entropy(const float *logits, int64_t row_stride, int64_t vocab, con
     return run_rows(proto, n, n_threads);
 }
 
-/* logits[rows[k]] *= 1 / factor[k] in place for k < n (rows NULL: row k) */
-int hapo_divide_rows(float *logits, int64_t row_stride, int64_t vocab, const int64_t *rows, const float *factor,
-                     int64_t n, int n_threads) {
-    job_t proto = {logits, row_stride, vocab, rows, factor, NULL, 0, 0, 1, {0, 0, 0}};
-    return run_rows(proto, n, n_threads);
-}
-
 /* For k < n, with p = params[k] (the packed [n, 8] table) and row r = rows[k] (rows NULL: k): if p is enabled,
  * factors[k] = f from the entropy of softmax(p.input_scale * logits[r]) and logits[r] /= f in place; otherwise
  * factors[k] = 1 and the row is untouched. The floors are the constants of hapo_verl.algorithms.entropy. */
 int hapo_adaptive_temperature(float *logits, int64_t row_stride, int64_t vocab, const int64_t *rows,
                               const float *params, int64_t n, float *factors, float log_floor, float ref_log_floor,
                               float ref_scale_eps, int n_threads) {
-    job_t proto = {logits, row_stride, vocab, rows, params, factors, 0, 0, 2,
+    job_t proto = {logits, row_stride, vocab, rows, params, factors, 0, 0, 1,
                    {log_floor, ref_log_floor, ref_scale_eps}};
     return run_rows(proto, n, n_threads);
 }

@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 ENV_SWITCH = "HAPO_VERL_CPU_KERNEL"
 ENV_CACHE = "HAPO_VERL_CACHE_DIR"
 #: must equal HAPO_KERNEL_ABI in cpu_kernel.c
-ABI = 3
+ABI = 4
 SIMD_NAMES = {512: "avx512", 256: "avx2", 0: "scalar"}
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 
@@ -101,7 +101,6 @@ def load_library(cflags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL:
         raise RuntimeError(f"kernel ABI {lib.hapo_kernel_abi()} != {ABI}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.hapo_row_entropy.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.hapo_divide_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
     f32 = ctypes.c_float
     lib.hapo_adaptive_temperature.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int]
     return lib
@@ -209,15 +208,3 @@ def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, input_sc
         lib.hapo_row_entropy(logits.data_ptr(), logits.stride(0), logits.shape[1], _ptr(rows_c), _ptr(scale_c), n,
                              out.data_ptr(), _threads(n, logits.shape[1]))
     return out
-
-
-def divide_rows_(logits: torch.Tensor, factors: torch.Tensor, rows: torch.Tensor | None = None,
-                 lib: ctypes.CDLL | None = None) -> None:
-    """logits[rows[k]] *= 1 / factors[k] in place (all rows when ``rows`` is None); a factor of 1 skips its row."""
-    lib = _require(lib)
-    n = logits.shape[0] if rows is None else rows.numel()
-    rows_c = _checked_rows(rows, logits.shape[0])
-    f_c = factors.to(torch.float32).contiguous()
-    if n:
-        lib.hapo_divide_rows(logits.data_ptr(), logits.stride(0), logits.shape[1], _ptr(rows_c), f_c.data_ptr(), n,
-                             _threads(n, logits.shape[1]))
