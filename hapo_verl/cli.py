@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "tiny":
         return run_tiny(argv[1:])
     if argv and argv[0] == "bench-learning":
-        from hapo_verl.bench_learning import main as bench_learning_main; return bench_learning_main(argv[1:])
+        from hapo_verl.bench_learning import main as bench_learning_main
+
+        return bench_learning_main(argv[1:])
     if argv and argv[0] == "compare":
         from hapo_verl.tools.compare import main as compare_main
 

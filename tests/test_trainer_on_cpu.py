@@ -7,7 +7,6 @@ from unittest import mock
 
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
 
 from hapo_verl.algorithms.entropy import EntropyStats, parse_adaptive_temperature_args
 from hapo_verl.entry_guard import check_entry_point

@@ -11,6 +11,7 @@ from hapo_verl.algorithms.entropy import (
     entropy_score,
     row_temperature_factor,
     temperature_factor,
+    temperature_factor_from_entropy,
     token_entropy_from_logits,
 )
 from hapo_verl.algorithms.policy_loss import adaptive_clip_ranges, hapo_policy_loss, redistribute_advantage
@@ -26,6 +27,7 @@ __all__ = [
     "redistribute_advantage",
     "row_temperature_factor",
     "temperature_factor",
+    "temperature_factor_from_entropy",
     "token_entropy_from_logits",
     "token_level_group_average_advantage",
 ]

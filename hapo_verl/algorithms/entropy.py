@@ -188,23 +188,32 @@ def temperature_factor(h_hat: torch.Tensor | float, tau: float) -> torch.Tensor 
     return 1.0 + tau * min(1.0, max(-1.0, float(h_hat)))
 
 
+def temperature_factor_from_entropy(
+    entropy: torch.Tensor,
+    stats: EntropyStats,
+    tau: float,
+    reference_compat: bool = False,
+) -> torch.Tensor:
+    """Factor f for tokens whose entropy is already known, with one set of statistics (the samplers' rule):
+    default mode uses the same ĥ as the loss; ``reference_compat`` uses the fork's sampler constants (log floor
+    1e-6, scale + 1e-6). Per-row statistics: :func:`row_temperature_factor_from_entropy`."""
+    if reference_compat:
+        h_hat = entropy_score(entropy, stats, reference_compat=True, clamp=True,
+                              log_floor=REFERENCE_SAMPLER_LOG_FLOOR, scale_eps=REFERENCE_SAMPLER_SCALE_EPS)
+    else:
+        h_hat = entropy_score(entropy, stats, reference_compat=False, clamp=True)
+    return temperature_factor(h_hat, tau)
+
+
 def row_temperature_factor(
     logits: torch.Tensor,
     stats: EntropyStats,
     tau: float,
     reference_compat: bool = False,
 ) -> torch.Tensor:
-    """Per-row factor for a [rows, vocab] block of decoding logits (pre-temperature).
-
-    The entropy is that of softmax(logits) on the logits as given. Default mode uses the same ĥ as the loss;
-    ``reference_compat`` uses the fork's sampler constants (log floor 1e-6, scale + 1e-6).
-    """
-    entropy = token_entropy_from_logits(logits)
-    if reference_compat:
-        h_hat = entropy_score(entropy, stats, reference_compat=True, clamp=True, log_floor=1e-6, scale_eps=1e-6)
-    else:
-        h_hat = entropy_score(entropy, stats, reference_compat=False, clamp=True)
-    return temperature_factor(h_hat, tau)
+    """Per-row factor for a [rows, vocab] block of decoding logits (pre-temperature): the entropy of
+    softmax(logits) on the logits as given, then :func:`temperature_factor_from_entropy`."""
+    return temperature_factor_from_entropy(token_entropy_from_logits(logits), stats, tau, reference_compat)
 
 
 def validate_entropy_pivot(entropy_pivot: float, key: str = "entropy_pivot") -> None:

@@ -3,8 +3,8 @@
 Per RL step (one method, one seed):
 
 1. sample ``prompts_per_step`` training problems, ``n`` responses each (KV-cache decoding of the HF model;
-   HAPO: per-token temperature ``T * f`` with ``f`` from :func:`row_temperature_factor` and the previous
-   step's entropy statistics, exactly as the ``hfcpu`` rollout; the behaviour log-prob is that of the sampled
+   HAPO: per-token temperature ``T * f`` with ``f`` from :func:`temperature_factor_from_entropy` and the previous
+   step's entropy statistics, the rule of the ``hfcpu`` rollout; the behaviour log-prob is that of the sampled
    temperature and the training log-prob uses the same per-token temperature);
 2. rewards (task reward, + DAPO's overlong shaping), verl token-level rewards on the last response token;
 3. DAPO: dynamic sampling, groups whose rewards have zero variance are dropped and refilled with new
@@ -20,10 +20,9 @@ Every ``eval_every`` steps: greedy accuracy on the fixed held-out prompts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +86,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new: int, eos: int, pad: int, 
     """Decode ``max_new`` tokens at most for equal-length prompts [B, P] with the KV cache.
 
     Returns tokens, mask (response tokens up to and including eos), behaviour log-probs and per-token
-    temperatures (``temperature * factor_fn(raw logits)``), and the T=1 entropy of every decoding position.
+    temperatures (``temperature * factor_fn(entropy)``), and the T=1 entropy of every decoding position (computed
+    once per step, for both).
     """
     from transformers import DynamicCache
 
@@ -109,7 +109,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new: int, eos: int, pad: int, 
         else:
             t_eff = torch.full((B,), float(temperature))
             if factor_fn is not None:
-                t_eff = t_eff * factor_fn(logits).float()
+                t_eff = t_eff * factor_fn(ent).float()
             logp_all = torch.log_softmax(logits / t_eff[:, None], -1)
             tok = torch.multinomial(logp_all.exp(), 1, generator=generator)[:, 0]
             lp = logp_all.gather(-1, tok[:, None])[:, 0]
@@ -197,10 +197,10 @@ class FastRun:
         m = self.method
         if m.temperature_tau <= 0 or self.prev_stats is None:
             return None
-        from hapo_verl.algorithms.entropy import row_temperature_factor
+        from hapo_verl.algorithms.entropy import temperature_factor_from_entropy
 
         stats = self.prev_stats
-        return lambda logits: row_temperature_factor(logits, stats, m.temperature_tau, m.reference_compat)
+        return lambda entropy: temperature_factor_from_entropy(entropy, stats, m.temperature_tau, m.reference_compat)
 
     def _gen_batch(self) -> dict:
         rl, task = self.rl, self.task
@@ -289,6 +289,8 @@ class FastRun:
         logits = self.model(input_ids=torch.cat([prompts, tokens], 1)).logits[:, P - 1:P + L - 1].float()
         temps = batch["temperature"][rows]
         logp = torch.log_softmax(logits / temps[..., None], -1).gather(-1, tokens[..., None])[..., 0]
+        if not self.method.reference_compat:  # only the fork's loss uses the current policy's entropy
+            return logp, None
         with torch.no_grad():
             entropy = token_entropy_from_logits(logits.detach())
         return logp, entropy

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from hapo_verl.bench_learning.task import TaskConfig
 

@@ -14,7 +14,8 @@ Sampling, per row and per decode step (the vLLM order: logits processors, temper
    ``log_softmax(raw logits)`` at that token (what vLLM reports for greedy) and the reported temperature 0.
 2. adaptive rows (request ``extra_args`` with HAPO statistics, :func:`parse_adaptive_temperature_args`):
    ``f`` from the entropy of the pre-temperature distribution (``hapo_verl.vllm.fast_path.row_entropy``, the
-   logits processor's fast path, then ``row_temperature_factor_from_entropy``), effective temperature ``T * f`` in ``[T(1-tau), T(1+tau)]``. Other rows: ``T``.
+   logits processor's fast path, then ``row_temperature_factor_from_entropy``), effective temperature ``T * f``
+   in ``[T(1-tau), T(1+tau)]``. Other rows: ``T``.
 3. logits / effective temperature, then top-k, then top-p (nucleus on the tempered distribution).
 4. sample; the log-prob returned is that of the sampled token under exactly this distribution.
 
