@@ -16,8 +16,8 @@ setup(
     packages=find_packages(include=["hapo_verl", "hapo_verl.*"]) + ["hapo_verl.patches"],
     # runtime shims live in the top-level patches/ folder but install under our namespace
     package_dir={"hapo_verl.patches": "patches"},
-    # cpu_kernel.c is compiled on first use on the machine that runs it (hapo_verl/vllm/cpu_kernel.py)
-    package_data={"hapo_verl.conf": ["*.yaml"], "hapo_verl.vllm": ["*.c"]},
+    # cpu_kernel.c is compiled on first use on the machine that runs it (hapo_verl/sampling/cpu_kernel.py)
+    package_data={"hapo_verl.conf": ["*.yaml", "*/*.yaml"], "hapo_verl.sampling": ["*.c"]},
     install_requires=[
         # torch is installed first as the 2.13.0 CPU build on our machines (scripts/bootstrap.sh);
         # a range here would make pip download a multi-GB CUDA build when torch is absent.

@@ -22,8 +22,10 @@ import time
 
 import torch
 
-from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats
-from hapo_verl.vllm import fast_path as fp
+from hapo_verl.algorithms.entropy import EntropyStats
+from hapo_verl.sampling import fast_path as fp
+from hapo_verl.sampling.params import pack_params
+from hapo_verl.sampling.request import AdaptiveTemperatureRequest
 
 
 def best_of(fn, setup, calls):
@@ -70,9 +72,9 @@ def main():
 
     extra = AdaptiveTemperatureRequest(EntropyStats(1.0, 1.0, 0.5, 0.5), tau=0.1).to_extra_args()
     cases = {"elementwise pass (div_ by T)": (lambda: work.div_(temp[:, None]), reset)}
-    params1 = fp.pack_params(1.0, 1.0, 0.5, 0.5, 0.1, rows=R)
-    params08 = fp.pack_params(1.0, 1.0, 0.5, 0.5, 0.1, input_scale=0.8, rows=R)
-    from hapo_verl.vllm import cpu_kernel
+    params1 = pack_params(1.0, 1.0, 0.5, 0.5, 0.1, rows=R)
+    params08 = pack_params(1.0, 1.0, 0.5, 0.5, 0.1, input_scale=0.8, rows=R)
+    from hapo_verl.sampling import cpu_kernel
 
     backends = ["cpu_kernel", "torch"] if cpu_kernel.available() else ["torch"]
     print(f"compiled CPU kernel: {cpu_kernel.status()}")

@@ -1,7 +1,9 @@
-"""The ``hapo-verl`` command.
+"""The ``hapo-verl`` command. A leaf: nothing in hapo_verl imports it.
 
-    hapo-verl [train] [--config-name hapo|dapo] key=value ...   verl's trainer with HAPO (Hydra overrides)
-    hapo-verl tiny [--config hapo|dapo] [--steps N] [key=value ...]
+    hapo-verl [train] [--config-name NAME] key=value ...        verl's trainer with hapo-verl (Hydra overrides);
+                                                             NAME: a config of hapo_verl/conf (hapo, dapo, one
+                                                             per registered algorithm)
+    hapo-verl tiny [--config NAME] [--steps N] [key=value ...]
                                                              a tiny run on this machine's CPU through
                                                              verl's real trainer (model, data, reward made
                                                              locally at first run)
@@ -38,7 +40,10 @@ TINY_DEFAULTS = [
 
 
 def tiny_overrides(config_name: str, steps: int, out_dir: str, user: list[str]) -> list[str]:
+    from omegaconf import OmegaConf
+
     from hapo_verl.cpu import cpu_overrides, ensure_tiny_assets
+    from hapo_verl.launcher import compose
 
     assets = ensure_tiny_assets()
     overrides = cpu_overrides(assets) + TINY_DEFAULTS + [
@@ -47,19 +52,14 @@ def tiny_overrides(config_name: str, steps: int, out_dir: str, user: list[str]) 
         f"trainer.default_local_dir={os.path.join(out_dir, 'checkpoints')}",
         f"trainer.experiment_name={config_name}",
     ]
-    if config_name == "dapo":
-        # the tiny task's reward is 0/1 and has no 'acc' field: filter on the score; short answers, short buffer
-        overrides += ["algorithm.filter_groups.metric=reward",
-                      "reward.reward_kwargs.overlong_buffer_cfg.len=4"]
+    # the tiny task's reward is 0/1 and has no 'acc' field: dynamic sampling filters on the score; its answers
+    # are short, so is the overlong buffer
+    base = compose(config_name, list(user))
+    if OmegaConf.select(base, "algorithm.filter_groups.enable"):
+        overrides.append("algorithm.filter_groups.metric=reward")
+    if OmegaConf.select(base, "reward.reward_kwargs.overlong_buffer_cfg.enable"):
+        overrides.append("reward.reward_kwargs.overlong_buffer_cfg.len=4")
     return overrides + list(user)
-
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module(config_module="hapo_verl.conf", version_base=None):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 SUMMARY_COLUMNS = [
@@ -97,7 +97,10 @@ def print_summary(metrics_path: str) -> None:
 
 def run_tiny(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hapo-verl tiny", description="tiny HAPO/DAPO run on CPU")
-    parser.add_argument("--config", default="hapo", choices=["hapo", "dapo", "haepo", "forking", "archer", "edge_grpo"])
+    from hapo_verl.launcher import config_names
+
+    parser.add_argument("--config", default="hapo", choices=config_names(),
+                        help="a config of hapo_verl/conf (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default=os.path.abspath("runs/tiny"), help="logs and checkpoints go here")
     args, user = parser.parse_known_args(argv)
@@ -110,8 +113,9 @@ def run_tiny(argv: list[str]) -> int:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     os.environ["VERL_FILE_LOGGER_PATH"] = metrics_path
     user = [f'+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="{metrics_path}"', *user]
+    from hapo_verl.launcher import compose, run
+
     config = compose(args.config, tiny_overrides(args.config, args.steps, run_dir, user))
-    from hapo_verl.main import run
 
     start = time.time()
     print(f"[hapo-verl] tiny {args.config} run on CPU: {args.steps} steps, output in {run_dir}", flush=True)
@@ -156,7 +160,7 @@ def run_recipe(recipe: str, recipes_dir: str | None, overrides: list[str]) -> in
         if OmegaConf.select(raw, "recipe.assets") is not None:
             ensure_tiny_assets()
     config = compose_recipe(name, overrides, config_dir)
-    from hapo_verl.main import run
+    from hapo_verl.launcher import run
 
     print(f"[hapo-verl] recipe {name} ({config_dir / (name + '.yaml')})", flush=True)
     run(config)
@@ -195,15 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     recipes_dir = _pop_option(argv, "--recipes-dir")
     if recipe is not None:
         return run_recipe(recipe, recipes_dir, argv)
-    if any(a == "--config-path" or a.startswith("--config-path=") or a == "-cp" for a in argv):
-        # recipes compose on hapo_base/dapo_base (hapo_verl/conf/*.yaml in Hydra's ConfigStore)
-        from hapo_verl.tools.recipes import register_base_configs
+    from hapo_verl.main import hydra_main
 
-        register_base_configs()
-    from hapo_verl.main import main as hydra_main
-
-    sys.argv = [sys.argv[0], *argv]
-    hydra_main()
+    hydra_main(argv)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Stop ``python -m verl.trainer.main_ppo`` at start-up when it is asked for the parts of HAPO it cannot run.
 
-verl's own entry point builds verl's trainer: the ``hapo`` advantage estimator works there (it needs nothing
-else), but the HAPO loss needs per-token entropy and batch statistics, and adaptive temperature needs the
-statistics sent with each request; only the HAPO trainer (``hapo-verl``) provides them. Installing that trainer
+verl's own entry point builds verl's trainer: a registered estimator or loss that needs nothing from the old
+policy works there (e.g. ``adv_estimator=hapo``), but a loss that needs per-token entropy or batch statistics, an
+estimator that needs old-policy tensors, and adaptive temperature (statistics sent with each request) need
+hapo-verl's trainer (``hapo-verl``). Installing that trainer
 from the plugin would mean replacing verl's ``sync`` trainer at import time in every process, a patch we do not
 ship. So the plugin checks the driver's command line once and stops with the equivalent ``hapo-verl`` command
 instead of letting a silently degraded HAPO run.
@@ -14,7 +15,21 @@ import os
 import shlex
 import sys
 
-_NEEDS_HAPO_TRAINER = ("policy_loss.loss_mode=hapo", "hapo.adaptive_temperature=true", "hapo.adaptive_temperature=True")
+
+
+def _needs_trainer() -> tuple[str, ...]:
+    """Command-line settings that only hapo-verl's trainer can run, from the registry."""
+    from hapo_verl import registry
+
+    settings = []
+    for spec in registry.specs():
+        if spec.loss is not None and not spec.standard_signature:
+            settings.append(f"policy_loss.loss_mode={spec.name}")
+        if spec.advantage is not None and spec.needs_of_estimator(spec.estimator_options()):
+            settings.append(f"algorithm.adv_estimator={spec.name}")
+        if spec.sampling_options is not None:
+            settings += [f"{spec.name}.adaptive_temperature=true", f"{spec.name}.adaptive_temperature=True"]
+    return tuple(settings)
 
 
 def _verl_main_args(orig_argv: list[str]) -> list[str] | None:
@@ -34,14 +49,15 @@ def check_entry_point(orig_argv: list[str] | None = None) -> str | None:
     if args is None:
         return None
     argv = ["main_ppo", *args]
-    offending = [a for a in argv[1:] if any(a.lstrip("+").endswith(k) for k in _NEEDS_HAPO_TRAINER)]
+    needs_trainer = _needs_trainer()
+    offending = [a for a in argv[1:] if any(a.lstrip("+").endswith(k) for k in needs_trainer)]
     if not offending:
         return None
     equivalent = "hapo-verl train " + " ".join(shlex.quote(a) for a in argv[1:])
     return (
-        f"hapo-verl: {', '.join(offending)} needs the HAPO trainer (entropy-aware loss, batch entropy statistics, "
-        "adaptive temperature), which `python -m verl.trainer.main_ppo` does not build. algorithm.adv_estimator=hapo "
-        f"alone works with verl's entry point. Run the same job with:\n\n    {equivalent}\n"
+        f"hapo-verl: {', '.join(offending)} needs hapo-verl's trainer (per-token entropy, old-policy tensors or "
+        "batch statistics in the loss or estimator, adaptive temperature), which `python -m verl.trainer.main_ppo` "
+        f"does not build. Run the same job with:\n\n    {equivalent}\n"
     )
 
 

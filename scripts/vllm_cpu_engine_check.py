@@ -54,7 +54,8 @@ def main() -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
 
-    from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats
+    from hapo_verl.algorithms.entropy import EntropyStats
+    from hapo_verl.sampling.request import AdaptiveTemperatureRequest
     from hapo_verl.vllm import processor_fqcn
 
     fqcn = processor_fqcn()
@@ -86,7 +87,7 @@ def main() -> int:
         checks.append(("factor summary from the engine: one f = 1 + tau per adaptive token",
                        summary.get("count") == n_tokens and abs(summary.get("min", 0) - (1 + tau)) < 1e-5
                        and abs(summary.get("max", 0) - (1 + tau)) < 1e-5))
-        from hapo_verl.vllm import cpu_kernel
+        from hapo_verl.sampling import cpu_kernel
 
         want = "cpu_kernel" if cpu_kernel.available() else "torch"
         checks.append((f"processor ran on the {want} backend", summary.get("backend") == want))

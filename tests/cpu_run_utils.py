@@ -184,7 +184,7 @@ REWARD_LOG_ENV = "HAPO_TEST_REWARD_LOG"
 def recording_compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
     import json
 
-    from hapo_verl.cpu import TOKEN_TEMPERATURES_KEY
+    from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY
     from hapo_verl.cpu.reward import compute_score
 
     path = os.environ.get(REWARD_LOG_ENV)

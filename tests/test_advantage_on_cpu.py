@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hapo_verl.algorithms.advantage import group_ids_from_index, token_level_group_average_advantage
+from hapo_verl.algorithms.advantage import token_level_group_average_advantage
+from hapo_verl.algorithms.groups import group_ids_from_index
 
 
 def outcome_batch(rewards, lengths, width=None):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from hapo_verl.bench_learning import main
-from hapo_verl.bench_learning.task import (Codec, ProblemSampler, TaskConfig, answer_text, build_tokenizer,
-                                           compute_score, heldout_problems, prompt_text)
+from hapo_verl.tinyworld import world
+from hapo_verl.tinyworld.reversed_addition import (SHAPE, Codec, ProblemSampler, TaskConfig, answer_text,
+                                                   compute_score, heldout_problems, prompt_text)
 
 
 def test_task_family(tmp_path):
@@ -20,7 +21,7 @@ def test_task_family(tmp_path):
     var = TaskConfig(kind="addvar", digits=3)
     assert prompt_text(fixed, 7, 45) == "007+045=" and answer_text(7, 45) == "25"
     assert answer_text(999, 1) == "0001"
-    assert fixed.max_new_tokens == 7 and var.prompt_len == 8
+    assert fixed.max_new_tokens == 7 and var.prompt_len == world.CHAT_FRAME_TOKENS + 8
     lengths = {len(answer_text(a, b)) for a, b in ProblemSampler(var, 0).sample(2000)}
     assert lengths == {1, 2, 3, 4}  # the answer length varies with addvar
     fixed_lengths = [len(answer_text(a, b)) for a, b in ProblemSampler(fixed, 0).sample(2000)]
@@ -28,8 +29,11 @@ def test_task_family(tmp_path):
     held = set(heldout_problems(var))
     assert len(held) == 500 and not held & set(ProblemSampler(var, 3).sample(5000))
     assert compute_score("x", " 52 ", "52")["score"] == 1.0 and compute_score("x", "521", "52")["acc"] == 0.0
-    codec = Codec(build_tokenizer(tmp_path / "tok"), var)
-    assert len(codec.prompt_ids(123, 4)) == 8 and codec.decode(codec.answer_ids(123, 4)) == "721"
+    world.create(tmp_path / "model", SHAPE, seed=0)
+    codec = Codec(world.load(tmp_path / "model")[0], var)
+    assert len(codec.prompt_ids(123, 4)) == var.prompt_len and codec.decode(codec.answer_ids(123, 4)) == "721"
+    text = codec.tokenizer.decode(codec.prompt_ids(123, 4))
+    assert text == "<|im_start|>user\n123+004=<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,10 @@ import json
 
 import pytest
 
-from hapo_verl.cpu.assets import (
-    ASSETS_VERSION,
-    OPERAND_MAX,
-    WarmupConfig,
-    ensure_tiny_assets,
-    problem_splits,
-    prompt_token_ids,
-    sampled_accuracy,
-)
+from hapo_verl.cpu.assets import ASSETS_VERSION, WarmupConfig, ensure_tiny_assets, sampled_accuracy
 from hapo_verl.cpu.reward import DATA_SOURCE, compute_score, extract_answer
+from hapo_verl.tinyworld.addition import OPERAND_MAX, problem_splits, question
+from hapo_verl.tinyworld.world import prompt_ids
 
 
 # ------------------------------------------------------------------------------------------------- reward
@@ -95,7 +89,7 @@ def test_warm_up_stops_at_target_accuracy_on_fresh_cache(tmp_path):
     row = pd.read_parquet(assets.train_file).iloc[0]
     a, b = int(row["extra_info"]["a"]), int(row["extra_info"]["b"])
     assert (a, b) in set(problem_splits()["train"])
-    ids = prompt_token_ids(tok, a, b)
+    ids = prompt_ids(tok, question(a, b))
     text = tok.apply_chat_template(list(row["prompt"]), add_generation_prompt=True, tokenize=False)
     assert tok.decode(ids) == text and text.endswith("<|im_start|>assistant\n")
     assert len(ids) <= assets.max_prompt_length

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats, row_temperature_factor
-from hapo_verl.cpu import TOKEN_TEMPERATURES_KEY, cpu_env, cpu_overrides, ensure_tiny_assets
+from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor
+from hapo_verl.cpu import cpu_env, cpu_overrides, ensure_tiny_assets
+from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY, AdaptiveTemperatureRequest
 from hapo_verl.cpu.generation import (
     BatchGenerator,
     GenerationRequest,

@@ -1,9 +1,7 @@
 """HAEPO: hand-computed weights, gradient of the surrogate vs autograd of the exact objective and vs the hand
 formula, reductions, micro-batch / data-parallel invariance, estimator plumbing, and a 2-step CPU run."""
 
-import json
 import math
-from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -18,23 +16,19 @@ from hapo_verl.algorithms.haepo import (
     haepo_weights,
     sequence_scores,
 )
-from hapo_verl.integration.baselines import (
-    LAST_ESTIMATOR_CALL,
-    BaselineLossNeedsTrainerError,
-    BaselinePolicyLossConfig,
-    HAEPOEstimatorConfig,
-    compute_haepo_advantage,
-    compute_haepo_policy_loss,
-    old_policy_for_estimator,
-)
+from hapo_verl.integration.estimator import LAST_METRICS, EstimatorNeedsTrainerError, estimator_inputs
+from hapo_verl.registration import ADV_ESTIMATOR, POLICY_LOSS, verl_function
 
+compute_haepo_advantage = verl_function(ADV_ESTIMATOR, "haepo")
+compute_haepo_policy_loss = verl_function(POLICY_LOSS, "haepo")
 
 
 def actor_config(**loss_kw):
+    from loss_test_utils import policy_loss_config
     from verl.workers.config import ActorConfig
 
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_c=10.0,
-                       policy_loss=BaselinePolicyLossConfig(loss_mode="haepo", **loss_kw))
+                       policy_loss=policy_loss_config("haepo", **loss_kw))
 
 
 def algo(**kw):
@@ -56,7 +50,7 @@ def batch(G=3, n=4, L=7, seed=0):
 
 
 def group_ids(uid):
-    from hapo_verl.algorithms.advantage import group_ids_from_index
+    from hapo_verl.algorithms.groups import group_ids_from_index
 
     return group_ids_from_index(uid)
 
@@ -131,7 +125,7 @@ def _surrogate_grad(old, mask, rewards, uid, temperature, length_normalize, kl_c
                     shift=None):
     """Gradient of the registered loss at log_prob = old (θ = θ_old; or old + ``shift``), accumulated over
     micro-batches/ranks."""
-    with old_policy_for_estimator(old_log_probs=old):
+    with estimator_inputs(old_log_prob=old):
         adv, _ = compute_haepo_advantage(rewards, mask.float(), index=uid,
                                          config=algo(temperature=temperature, length_normalize=length_normalize))
     B = old.shape[0]
@@ -217,7 +211,7 @@ def test_off_policy_value_and_kl_gradient_are_hand_values():
 def test_one_response_per_group_gives_zero_policy_gradient():
     old, mask, rewards, _ = batch(G=6, n=1, seed=3)
     uid = np.array([f"p{i}" for i in range(6)], dtype=object)
-    with old_policy_for_estimator(old_log_probs=old):
+    with estimator_inputs(old_log_prob=old):
         adv, _ = compute_haepo_advantage(rewards, mask.float(), index=uid, config=algo())
     assert torch.count_nonzero(adv) == 0
     grad, loss, _ = _surrogate_grad(old, mask, rewards, uid, 1.0, True, kl_coef=0.5)
@@ -237,20 +231,20 @@ def test_high_temperature_reduces_to_group_mean_baseline_reinforce():
 # ------------------------------------------------------------------------------------------ plumbing / errors
 def test_estimator_needs_old_log_probs_from_the_trainer():
     old, mask, rewards, uid = batch()
-    with pytest.raises(BaselineLossNeedsTrainerError, match="hapo-verl"):
+    with pytest.raises(EstimatorNeedsTrainerError, match="hapo-verl"):
         compute_haepo_advantage(rewards, mask.float(), index=uid, config=algo())
-    with old_policy_for_estimator(old_log_probs=old[:, :3]):
+    with estimator_inputs(old_log_prob=old[:, :3]):
         with pytest.raises(ValueError, match="shape"):
             compute_haepo_advantage(rewards, mask.float(), index=uid, config=algo())
 
 
 def test_estimator_metrics_and_advantage_shape():
     old, mask, rewards, uid = batch()
-    with old_policy_for_estimator(old_log_probs=old):
+    with estimator_inputs(old_log_prob=old):
         adv, ret = compute_haepo_advantage(rewards, mask.float(), index=uid, config=algo())
     assert adv.shape == old.shape and torch.all(adv[~mask] == 0)
-    assert 0 < LAST_ESTIMATOR_CALL["haepo/effective_group_frac"] <= 1.0
-    assert 0.25 <= LAST_ESTIMATOR_CALL["haepo/weight_max"] <= 1.0
+    assert 0 < LAST_METRICS["haepo/effective_group_frac"] <= 1.0
+    assert 0.25 <= LAST_METRICS["haepo/weight_max"] <= 1.0
 
 
 @pytest.mark.parametrize("kw,pattern", [
@@ -259,20 +253,25 @@ def test_estimator_metrics_and_advantage_shape():
     ({"length_normalize": "yes"}, "length_normalize"),
 ])
 def test_estimator_config_validation(kw, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        HAEPOEstimatorConfig(**kw)
+    from hapo_verl import registry
+    from hapo_verl.integration.options import estimator_options
+
+    spec = registry.get("haepo")
+    with pytest.raises(ValueError, match=rf"algorithm\.haepo\.{pattern}"):
+        estimator_options(spec, {"haepo": kw})
     with pytest.raises(ValueError, match="unknown option algorithm.haepo.temp"):
-        from hapo_verl.integration.baselines import _estimator_options
-        _estimator_options(HAEPOEstimatorConfig, {"haepo": {"temp": 1.0}}, "haepo")
+        estimator_options(spec, {"haepo": {"temp": 1.0}})
 
 
 def test_loss_config_validation():
-    with pytest.raises(ValueError, match="haepo_kl_coef"):
-        BaselinePolicyLossConfig(loss_mode="haepo", haepo_kl_coef=-1.0)
-    with pytest.raises(ValueError, match="haepo_kl_type"):
-        BaselinePolicyLossConfig(loss_mode="haepo", haepo_kl_type="nope")
-    with pytest.raises(ValueError, match="loss_mode"):
-        BaselinePolicyLossConfig(loss_mode="gspo")
+    from loss_test_utils import policy_loss_config
+
+    with pytest.raises(ValueError, match=r"policy_loss\.haepo_kl_coef must be in \[0, inf\)"):
+        policy_loss_config("haepo", haepo_kl_coef=-1.0)
+    with pytest.raises(ValueError, match=r"policy_loss\.haepo_kl_type must be one of"):
+        policy_loss_config("haepo", haepo_kl_type="nope")
+    with pytest.raises(ValueError, match=r"policy_loss\.loss_mode must be haepo"):
+        policy_loss_config("haepo").__class__(loss_mode="gspo")
 
 
 def test_registered_names():
@@ -291,23 +290,22 @@ def test_trainer_requires_estimator_and_loss_together_and_passes_old_log_probs()
     from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-    from hapo_verl.trainer.baselines import BaselineSettings
-    from hapo_verl.trainer.hapo_trainer import HAPOTrainerSync
+    from loss_test_utils import stub_trainer
+
+    from hapo_verl.trainer.hapo_trainer import StepPlan
 
     def cfg(loss_mode, estimator):
         return OmegaConf.create({"algorithm": {"adv_estimator": estimator, "haepo": {}},
                                  "actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": loss_mode}}}})
 
     with pytest.raises(ValueError, match="both"):
-        BaselineSettings.from_config(cfg("haepo", "grpo"))
+        StepPlan.from_config(cfg("haepo", "grpo"))
     with pytest.raises(ValueError, match="both"):
-        BaselineSettings.from_config(cfg("vanilla", "haepo"))
+        StepPlan.from_config(cfg("vanilla", "haepo"))
 
-    trainer = object.__new__(HAPOTrainerSync)
-    trainer.config = cfg("haepo", "haepo")
-    trainer.hapo = SimpleNamespace(estimator_active=False)
+    trainer = stub_trainer(cfg("haepo", "haepo"))
     old, mask, rewards, uid = batch()
-    trainer.__dict__["_baseline_old_policy"] = {"old_log_probs": old, "entropy": torch.rand_like(old)}
+    trainer._old_policy = {"old_log_probs": old, "entropy": torch.rand_like(old)}
 
     def parent(self, b, metrics):
         data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask.float()},
@@ -324,26 +322,10 @@ def test_trainer_requires_estimator_and_loss_together_and_passes_old_log_probs()
 
 
 # ------------------------------------------------------------------------------------------ 2-step CPU run
-def read_metrics(path):
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return {row["step"]: row["data"] for row in rows}
-
-
-def run_tiny(config, out, timeout=900):
-    """``python -m hapo_verl.cli tiny --config <config> --steps 2 --out <out>`` through the shared CPU runner
-    (private Ray temp dir, process-group cleanup, timeout). Returns (rc, output); rc is None on timeout."""
-    from cpu_run_utils import run_verl
-
-    res = run_verl(["tiny", "--config", config, "--steps", "2", "--out", str(out)], timeout=timeout,
-                   module="hapo_verl.cli")
-    return res.rc, res.output
-
-
 def test_two_step_cpu_run_through_the_trainer(tmp_path):
-    rc, output = run_tiny("haepo", tmp_path)
-    assert rc == 0, output[-6000:]
-    metrics = read_metrics(tmp_path / "haepo" / "metrics.jsonl")
-    assert {1, 2} <= set(metrics), metrics.keys()
+    from loss_test_utils import two_step_run_metrics
+
+    metrics = two_step_run_metrics("haepo", tmp_path)
     for step in (1, 2):
         data = metrics[step]
         for key in ("haepo/weight_max", "haepo/effective_group_frac", "actor/haepo/kl_prev",

@@ -6,7 +6,7 @@ import torch
 from hapo_verl.algorithms.entropy import compute_entropy_stats, entropy_score
 from hapo_verl.algorithms.policy_loss import adaptive_clip_ranges, redistribute_advantage
 from hapo_verl.config import HAPOPolicyLossConfig
-from hapo_verl.integration.loss import HAPOLossNeedsEntropyError, compute_hapo_policy_loss
+from hapo_verl.integration.loss import LossNeedsTrainerError, compute_hapo_policy_loss
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -238,7 +238,40 @@ def test_registered_name_refuses_the_standard_signature():
 
     fn = get_policy_loss_fn("hapo")
     old, new, adv, mask, _ = random_batch()
-    with pytest.raises(HAPOLossNeedsEntropyError, match="hapo-verl"):
+    with pytest.raises(LossNeedsTrainerError, match="hapo-verl"):
         fn(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, loss_agg_mode="token-mean",
            config=actor_config(), rollout_is_weights=None)
     assert TensorDict  # tensordict is importable for the trainer path
+
+
+# ------------------------------------------------------------------------------ hapo_verl.compute_policy_loss
+def test_compute_policy_loss_is_the_hapo_loss_and_defaults_to_the_statistics_of_the_tokens_passed_in():
+    from hapo_verl import compute_policy_loss
+
+    old, new, adv, mask, entropy = random_batch(seed=11)
+    cfg = actor_config()
+    stats = compute_entropy_stats(entropy, mask.bool(), 0.8)
+    ref_loss, ref_metrics = compute_hapo_policy_loss(old, new, adv, mask, entropy, "token-mean", cfg,
+                                                     entropy_stats=stats)
+    (ref_grad,) = torch.autograd.grad(ref_loss, new)
+    for batch_stats in (stats.to_dict(), None):  # None: statistics of the tokens passed in, the same ones here
+        loss, metrics = compute_policy_loss("hapo", old, new, adv, mask, "token-mean", cfg, entropy=entropy,
+                                            batch_stats=batch_stats)
+        (grad,) = torch.autograd.grad(loss, new)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+        assert {k: float(v) for k, v in metrics.items()} == ref_metrics
+    half = compute_entropy_stats(entropy[:3], mask[:3].bool(), 0.8)
+    other, _ = compute_policy_loss("hapo", old, new, adv, mask, "token-mean", cfg, entropy=entropy,
+                                   batch_stats=half.to_dict())
+    assert not torch.equal(other, ref_loss)  # the statistics given are the ones used
+
+
+def test_compute_policy_loss_names_unknown_losses_and_missing_entropy():
+    from hapo_verl import compute_policy_loss
+
+    old, new, adv, mask, entropy = random_batch()
+    with pytest.raises(ValueError, match=r"loss_mode='nope' is not a hapo-verl loss; registered: .*hapo"):
+        compute_policy_loss("nope", old, new, adv, mask, "token-mean", actor_config())
+    with pytest.raises(ValueError, match="loss_mode=hapo needs the per-token entropy"):
+        compute_policy_loss("hapo", old, new, adv, mask, "token-mean", actor_config())

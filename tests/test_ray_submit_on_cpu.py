@@ -106,7 +106,7 @@ def test_submit_stages_recipes_and_a_wheel_with_the_plugin_entry_point(monkeypat
     assert call["wheel"].startswith("hapo_verl-") and call["env"]["pip"]["packages"][0].endswith(call["wheel"])
     assert "[verl.plugins]" in call["entry_points"] and "hapo = hapo_verl.plugin" in call["entry_points"]
     assert "hapo_verl/conf/hapo.yaml" in call["names"] and "hapo_verl/tools/reward.py" in call["names"]
-    assert "hapo_verl/vllm/cpu_kernel.c" in call["names"]  # built on first use where the wheel is installed
+    assert "hapo_verl/sampling/cpu_kernel.c" in call["names"]  # built on first use where the wheel is installed
     assert "--no-wait" in call["cmd"] and Path(call["cmd"][0]).name == "ray"
 
 

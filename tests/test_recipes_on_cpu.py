@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from hapo_verl.tools.recipes import compose_recipe, list_recipes, recipes_dir, validate
+from hapo_verl.launcher import validate
+from hapo_verl.tools.recipes import compose_recipe, list_recipes, recipes_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -141,7 +142,8 @@ def test_dapo_baseline_shares_data_lengths_batches_and_reward(model):
 
 
 def test_tiny_cpu_recipe_is_what_hapo_verl_tiny_runs(tmp_path):
-    from hapo_verl.cli import compose, tiny_overrides
+    from hapo_verl.cli import tiny_overrides
+    from hapo_verl.launcher import compose
 
     tiny = flat_resolved(compose("hapo", tiny_overrides("hapo", 4, str(tmp_path), [])))
     recipe = flat_resolved(composed("tiny_cpu"))

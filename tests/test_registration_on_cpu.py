@@ -22,16 +22,18 @@ def test_entry_point_is_declared():
 @pytest.mark.parametrize(
     "first_import",
     ["import verl", "import hapo_verl.config", "from hapo_verl.integration import loss",
-     "from verl.trainer.ppo import core_algos", "import hapo_verl", "import hapo_verl.integration.baselines",
-     "import hapo_verl.trainer.baselines", "import hapo_verl.trainer.hapo_trainer"],
+     "from verl.trainer.ppo import core_algos", "import hapo_verl", "import hapo_verl.integration.estimator",
+     "import hapo_verl.registry", "import hapo_verl.algorithms", "import hapo_verl.launcher",
+     "import hapo_verl.trainer.hapo_trainer"],
 )
 def test_registered_whatever_the_import_order(first_import):
     code = f"""{first_import}
 import verl
 from verl.trainer.ppo import core_algos
-from hapo_verl.integration.estimator import compute_hapo_advantage
+from hapo_verl import compute_hapo_advantage, registry
 assert core_algos.ADV_ESTIMATOR_REGISTRY.get('hapo') is compute_hapo_advantage, core_algos.ADV_ESTIMATOR_REGISTRY.keys()
-assert 'hapo' in core_algos.POLICY_LOSS_REGISTRY
+assert set(registry.loss_specs()) <= set(core_algos.POLICY_LOSS_REGISTRY)
+assert set(registry.estimator_specs()) <= set(core_algos.ADV_ESTIMATOR_REGISTRY)
 from hapo_verl.registration import ensure_registered, is_registered, register
 assert is_registered()  # every name, baselines included
 register(); register()  # re-entrant

@@ -50,11 +50,11 @@ def test_hapo_run_prints_progress_and_summary(hapo_run):
     assert sorted(metrics) == [1, 2]
 
 
-def test_estimator_received_entropy_and_metrics_are_finite(hapo_run):
+def test_estimator_and_loss_metrics_are_finite(hapo_run):
     _, _, metrics = hapo_run
     for step in (1, 2):
         m = metrics[step]
-        assert m["hapo/estimator/received_entropy"] == 1.0
+        assert 0.0 <= m["hapo/estimator/fallback_group_frac"] <= 1.0
         for key in ("hapo/stats/pivot", "hapo/stats/scale", "hapo/h_hat/mean", "hapo/h_hat/p50",
                     "actor/hapo/h_hat_mean", "actor/hapo/clipfrac_high_entropy", "actor/hapo/clipfrac_low_entropy",
                     "actor/hapo/amplified_frac", "actor/hapo/attenuated_frac", "actor/hapo/clip_lower_bound_mean",

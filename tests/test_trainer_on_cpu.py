@@ -8,13 +8,15 @@ from unittest import mock
 import pytest
 import torch
 
-from hapo_verl.algorithms.entropy import EntropyStats, parse_adaptive_temperature_args
+from hapo_verl.algorithms.entropy import EntropyStats
+from hapo_verl.sampling.request import AdaptiveTemperatureRequest, parse_adaptive_temperature_args
 from hapo_verl.entry_guard import check_entry_point
+from hapo_verl.integration.loss import BATCH_STATS_FIELD
 from hapo_verl.trainer.agent_loop import SAMPLING_ARGS_FIELD, add_sampling_args
 
 
 def compose(name="hapo", overrides=()):
-    from hapo_verl.cli import compose as _compose
+    from hapo_verl.launcher import compose as _compose
 
     return _compose(name, list(overrides))
 
@@ -28,6 +30,7 @@ BASE = [
     "data.train_batch_size=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=4",
     "trainer.n_gpus_per_node=1",
+    "actor_rollout_ref.rollout.n=2",
 ]
 
 
@@ -37,7 +40,7 @@ class TestConfig:
         from verl.utils.config import omega_conf_to_dataclass, validate_config
 
         from hapo_verl.config import HAPOPolicyLossConfig
-        from hapo_verl.main import prepare_config
+        from hapo_verl.launcher import prepare_config
 
         cfg = compose("hapo", BASE + ["hapo.reference_compat=true"])
         assert cfg.algorithm.adv_estimator == "hapo"
@@ -52,13 +55,14 @@ class TestConfig:
         assert actor.policy_loss.reference_compat is True
 
     def test_dapo_config_has_no_hapo_component(self):
-        from hapo_verl.main import prepare_config
-        from hapo_verl.trainer.hapo_trainer import HAPOSettings
+        from hapo_verl.launcher import prepare_config
+        from hapo_verl.trainer.hapo_trainer import StepPlan
 
         cfg = compose("dapo", BASE)
         prepare_config(cfg)
-        settings = HAPOSettings(cfg)
-        assert not settings.active
+        plan = StepPlan.from_config(cfg)
+        assert plan.loss_spec is None and plan.estimator_spec is None
+        assert not plan.adaptive_temperature and not plan.needs_old_policy
         assert cfg.algorithm.adv_estimator == "grpo"
         assert cfg.algorithm.filter_groups.enable is True
         assert (cfg.actor_rollout_ref.actor.clip_ratio_low, cfg.actor_rollout_ref.actor.clip_ratio_high) == (0.2, 0.28)
@@ -75,17 +79,18 @@ class TestConfig:
              r"policy_loss\.reference_compat must equal hapo\.reference_compat"),
             ("actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent",
              r"default_agent_loop=hapo_single_turn"),
+            ("actor_rollout_ref.rollout.n=1", r"actor_rollout_ref\.rollout\.n must be >= 2, got 1"),
         ],
     )
     def test_mistakes_stop_at_start_up_naming_the_key(self, override, pattern):
-        from hapo_verl.main import prepare_config
+        from hapo_verl.launcher import prepare_config
 
         with pytest.raises(ValueError, match=pattern):
             prepare_config(compose("hapo", BASE + [override]))
 
     def test_vllm_rollout_gets_the_logits_processor(self):
         pytest.importorskip("hapo_verl.vllm")
-        from hapo_verl.main import prepare_config
+        from hapo_verl.launcher import prepare_config
         from hapo_verl.vllm import processor_fqcn
 
         cfg = compose("hapo", BASE + ["actor_rollout_ref.rollout.name=vllm"])
@@ -116,7 +121,7 @@ class TestEntryGuard:
 
 def test_agent_loop_merges_stats_into_extra_args():
     stats = EntropyStats(pivot=0.1, scale=1.0, pos_scale=0.5, neg_scale=0.4)
-    args = {**stats.to_request_args(), "hapo_tau": 0.05, "hapo_reference_compat": False}
+    args = AdaptiveTemperatureRequest(stats, 0.05).to_extra_args()
     params = add_sampling_args({"temperature": 1.0, "extra_args": {"other": 1}}, args)
     assert params["extra_args"]["other"] == 1
     assert parse_adaptive_temperature_args(params["extra_args"]).stats.pivot == 0.1
@@ -126,15 +131,9 @@ def test_agent_loop_merges_stats_into_extra_args():
 
 def make_stub_trainer(tmp_path, hapo_overrides=()):
     """A HAPOTrainerSync without verl's __init__ (no Ray): the overrides are tested against mocked parents."""
-    from hapo_verl.trainer.hapo_trainer import HAPOSettings, HAPOTrainerSync
+    from loss_test_utils import stub_trainer
 
-    cfg = compose("hapo", BASE + [f"trainer.default_local_dir={tmp_path}"] + list(hapo_overrides))
-    trainer = object.__new__(HAPOTrainerSync)
-    trainer.config = cfg
-    trainer.hapo = HAPOSettings(cfg)
-    trainer.hapo_step_stats = None
-    trainer.hapo_rollout_stats = None
-    trainer.hapo_requests_with_stats = 0
+    trainer = stub_trainer(compose("hapo", BASE + [f"trainer.default_local_dir={tmp_path}"] + list(hapo_overrides)))
     trainer.global_steps = 1
     return trainer
 
@@ -206,11 +205,12 @@ class TestTrainerOverrides:
         trainer = make_stub_trainer(tmp_path)
         batch = SimpleNamespace(extra_info={})
         with mock.patch.object(PPOTrainerSync, "_update_actor", lambda self, b, m: b):
-            with pytest.raises(RuntimeError, match="no entropy statistics"):
+            with pytest.raises(RuntimeError, match="no batch statistics"):
                 trainer._update_actor(batch, {})
-            trainer.hapo_step_stats = EntropyStats(pivot=0.3, scale=2.0, pos_scale=1.0, neg_scale=1.0, num_tokens=9)
+            stats = EntropyStats(pivot=0.3, scale=2.0, pos_scale=1.0, neg_scale=1.0, num_tokens=9).to_dict()
+            trainer.batch_stats = {"hapo": stats}
             trainer._update_actor(batch, {})
-        assert batch.extra_info["hapo_entropy_stats"]["pivot"] == 0.3
+        assert batch.extra_info[BATCH_STATS_FIELD] == {"hapo": stats}
 
     def test_reference_compat_sends_no_batch_stats(self, tmp_path):
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -219,7 +219,7 @@ class TestTrainerOverrides:
         batch = SimpleNamespace(extra_info={})
         with mock.patch.object(PPOTrainerSync, "_update_actor", lambda self, b, m: b):
             trainer._update_actor(batch, {})
-        assert "hapo_entropy_stats" not in batch.extra_info
+        assert BATCH_STATS_FIELD not in batch.extra_info
 
     def test_checkpoint_round_trip_restores_stats(self, tmp_path):
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -241,17 +241,14 @@ class TestTrainerOverrides:
             fresh._load_checkpoint()
         assert fresh.hapo_rollout_stats == trainer.hapo_rollout_stats
 
-    def test_estimator_receives_entropy_through_the_trainer_hook(self, tmp_path):
+    def test_estimator_runs_through_the_trainer_hook_and_logs_its_metrics(self, tmp_path):
         import numpy as np
         from verl import DataProto
         from verl.trainer.ppo.ray_trainer import compute_advantage
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-        from hapo_verl.integration.estimator import LAST_CALL
-
         trainer = make_stub_trainer(tmp_path)
-        entropy = torch.rand(2, 3)
-        trainer._hapo_entropy = (entropy, torch.ones(2, 3, dtype=torch.bool))
+        assert trainer.plan.estimator_needs == frozenset()  # TLGA needs nothing from the old policy
 
         def parent(self, batch, metrics):
             data = DataProto.from_dict(tensors={"token_level_rewards": torch.tensor([[0, 0, 1.0], [0, 0, 0.0]]),
@@ -263,5 +260,4 @@ class TestTrainerOverrides:
         metrics = {}
         with mock.patch.object(PPOTrainerSync, "_compute_advantage", parent):
             trainer._compute_advantage("batch", metrics)
-        assert LAST_CALL["entropy_shape"] == (2, 3)
-        assert metrics["hapo/estimator/received_entropy"] == 1.0
+        assert metrics["hapo/estimator/fallback_group_frac"] == 0.0

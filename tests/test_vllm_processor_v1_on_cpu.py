@@ -22,7 +22,8 @@ from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns  # noqa: 
 from vllm.v1.sample.metadata import SamplingMetadata  # noqa: E402
 from vllm.v1.sample.sampler import Sampler  # noqa: E402
 
-from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats  # noqa: E402
+from hapo_verl.algorithms.entropy import EntropyStats  # noqa: E402
+from hapo_verl.sampling.request import AdaptiveTemperatureRequest  # noqa: E402
 from hapo_verl.vllm import processor_fqcn  # noqa: E402
 from hapo_verl.vllm.processors import HapoAdaptiveTemperature, HapoAdaptiveTemperatureV1  # noqa: E402
 

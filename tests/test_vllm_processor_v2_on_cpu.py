@@ -11,7 +11,8 @@ pytest.importorskip("vllm")  # guard only: CI installs vLLM 0.24.0 (scripts/inst
 
 from vllm.sampling_params import SamplingParams  # noqa: E402
 
-from hapo_verl.algorithms.entropy import AdaptiveTemperatureRequest, EntropyStats  # noqa: E402
+from hapo_verl.algorithms.entropy import EntropyStats  # noqa: E402
+from hapo_verl.sampling.request import AdaptiveTemperatureRequest  # noqa: E402
 from hapo_verl.vllm import processors  # noqa: E402
 
 if not processors.HAS_V2_INTERFACE:

@@ -1,10 +1,10 @@
-"""The math of HAPO as small pure-torch functions (no verl trainer, no vLLM)."""
+"""One module per algorithm: its pure-torch math, its options (dataclasses whose fields carry help, default,
+range and paper) and its spec (:mod:`hapo_verl.registry`); plus shared building blocks (``groups``, ``ppo``) and
+HAPO's three parts (``entropy``, ``advantage``, ``policy_loss``; spec in ``hapo``). Imports torch and the registry
+only: no verl, vLLM, Ray, transformers, Hydra or OmegaConf. Every module here is imported by registry discovery.
+"""
 
-from hapo_verl.algorithms.advantage import (
-    group_ids_from_index,
-    grpo_sequence_advantage,
-    token_level_group_average_advantage,
-)
+from hapo_verl.algorithms.advantage import token_level_group_average_advantage
 from hapo_verl.algorithms.entropy import (
     EntropyStats,
     compute_entropy_stats,
@@ -14,6 +14,7 @@ from hapo_verl.algorithms.entropy import (
     temperature_factor_from_entropy,
     token_entropy_from_logits,
 )
+from hapo_verl.algorithms.groups import group_ids_from_index, grpo_sequence_advantage
 from hapo_verl.algorithms.policy_loss import adaptive_clip_ranges, hapo_policy_loss, redistribute_advantage
 
 __all__ = [

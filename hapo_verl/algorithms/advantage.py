@@ -19,43 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def group_ids_from_index(index) -> torch.Tensor:
-    """Map arbitrary group labels (uids: str/int, numpy/list/tensor) to contiguous ids 0..G-1."""
-    if isinstance(index, torch.Tensor) and not index.is_floating_point():
-        _, ids = torch.unique(index.reshape(-1), return_inverse=True)
-        return ids
-    import numpy as np
-
-    arr = np.asarray(index, dtype=object).reshape(-1)
-    _, ids = np.unique(arr.astype(str), return_inverse=True)
-    return torch.from_numpy(ids.astype(np.int64))
-
-
-def _group_sum(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
-    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, group_ids, values)
-
-
-def grpo_sequence_advantage(
-    scores: torch.Tensor,
-    group_ids: torch.Tensor,
-    num_groups: int,
-    epsilon: float = 1e-6,
-    norm_adv_by_std: bool = True,
-) -> torch.Tensor:
-    """GRPO advantage per response, as verl: mean and unbiased std over responses; singleton groups use
-    mean 0 and std 1."""
-    ones = torch.ones_like(scores)
-    count = _group_sum(ones, group_ids, num_groups)
-    total = _group_sum(scores, group_ids, num_groups)
-    mean = total / count.clamp_min(1.0)
-    sq = _group_sum((scores - mean[group_ids]).square(), group_ids, num_groups)
-    std = (sq / (count - 1.0).clamp_min(1.0)).sqrt()
-    singleton = count <= 1
-    mean = torch.where(singleton, torch.zeros_like(mean), mean)
-    std = torch.where(singleton, torch.ones_like(std), std)
-    centered = scores - mean[group_ids]
-    return centered / (std[group_ids] + epsilon) if norm_adv_by_std else centered
+from hapo_verl.algorithms.groups import group_sum, grpo_sequence_advantage, num_groups as count_groups
 
 
 def token_level_group_average_advantage(
@@ -99,13 +63,13 @@ def token_level_group_average_advantage(
             raise ValueError("token_level_rewards contain NaN")
         lengths = response_mask.sum(dim=-1, dtype=scores.dtype)
         group_ids = group_ids.to(device=scores.device, dtype=torch.long)
-        num_groups = int(group_ids.max().item()) + 1 if group_ids.numel() else 0
+        num_groups = count_groups(group_ids)
 
-        tokens_g = _group_sum(lengths, group_ids, num_groups)
+        tokens_g = group_sum(lengths, group_ids, num_groups)
         safe_tokens = tokens_g.clamp_min(1.0)
-        mean_g = _group_sum(lengths * scores, group_ids, num_groups) / safe_tokens
+        mean_g = group_sum(lengths * scores, group_ids, num_groups) / safe_tokens
         dev = scores - mean_g[group_ids]
-        std_g = (_group_sum(lengths * dev.square(), group_ids, num_groups) / safe_tokens).sqrt()
+        std_g = (group_sum(lengths * dev.square(), group_ids, num_groups) / safe_tokens).sqrt()
 
         denom = (std_g + epsilon) if norm_adv_by_std else torch.ones_like(std_g)
         normed = dev / denom[group_ids]
@@ -118,7 +82,7 @@ def token_level_group_average_advantage(
             has_padding = lengths < response_mask.shape[-1]
             pad_value = (-mean_g / denom)[group_ids]
             row_hit = row_hit | (has_padding & (pad_value.abs() >= fallback_threshold))
-        fallback_g = _group_sum(row_hit.to(scores.dtype), group_ids, num_groups) > 0
+        fallback_g = group_sum(row_hit.to(scores.dtype), group_ids, num_groups) > 0
 
         grpo = grpo_sequence_advantage(scores, group_ids, num_groups, epsilon, norm_adv_by_std)
         per_row = torch.where(fallback_g[group_ids], grpo, normed)

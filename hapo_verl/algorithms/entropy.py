@@ -31,9 +31,6 @@ VARIANCE_FLOOR = 1e-8
 #: floor of the largest positive / negative normalized value
 EXTREME_FLOOR = 1e-8
 
-#: prefix of the flat keys carried in a sampling request's ``extra_args``
-STATS_KEY_PREFIX = "hapo_"
-
 
 @dataclass(frozen=True)
 class EntropyStats:
@@ -76,15 +73,6 @@ class EntropyStats:
         if unknown:
             raise ValueError(f"unknown EntropyStats keys {sorted(unknown)}")
         return cls(**{k: (int(v) if k == "num_tokens" else float(v)) for k, v in d.items()})
-
-    def to_request_args(self) -> dict[str, float]:
-        """Flat keys for a sampling request's ``extra_args`` (shared by every sampler)."""
-        return {
-            f"{STATS_KEY_PREFIX}pivot": float(self.pivot),
-            f"{STATS_KEY_PREFIX}scale": float(self.scale),
-            f"{STATS_KEY_PREFIX}pos_scale": float(self.pos_scale),
-            f"{STATS_KEY_PREFIX}neg_scale": float(self.neg_scale),
-        }
 
 
 def token_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -242,64 +230,7 @@ def _check_entropy_and_mask(entropy: torch.Tensor, mask: torch.Tensor) -> tuple[
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flat keys of a generation request's sampling ``extra_args`` (the contract between the trainer's agent loop
-# and every sampler: vLLM logits processors, the CPU rollout). Plain floats so they survive JSON / msgspec.
-# ----------------------------------------------------------------------------------------------------------
-TAU_KEY = f"{STATS_KEY_PREFIX}tau"
-REFERENCE_COMPAT_KEY = f"{STATS_KEY_PREFIX}reference_compat"
-STATS_KEYS = (f"{STATS_KEY_PREFIX}pivot", f"{STATS_KEY_PREFIX}scale", f"{STATS_KEY_PREFIX}pos_scale",
-              f"{STATS_KEY_PREFIX}neg_scale")
-REQUEST_KEYS = (*STATS_KEYS, TAU_KEY, REFERENCE_COMPAT_KEY)
-
-
-@dataclass(frozen=True)
-class AdaptiveTemperatureRequest:
-    """What a sampler needs for one request: statistics of the previous training step, tau, the mode."""
-
-    stats: EntropyStats
-    tau: float
-    reference_compat: bool = False
-
-    def to_extra_args(self) -> dict:
-        return {**self.stats.to_request_args(), TAU_KEY: float(self.tau),
-                REFERENCE_COMPAT_KEY: bool(self.reference_compat)}
-
-
-def parse_adaptive_temperature_args(extra_args) -> AdaptiveTemperatureRequest | None:
-    """Read the flat ``hapo_*`` keys of a request's ``extra_args``.
-
-    Returns None when the request carries none of them (validation, warm-up, step 1, other users of the
-    engine). Raises ValueError naming the key when they are partial, non-numeric, out of range
-    (tau outside [0, 1), a non-positive scale).
-    """
-    if not extra_args:
-        return None
-    present = [k for k in REQUEST_KEYS if k in extra_args]
-    if not present:
-        return None
-    missing = [k for k in (*STATS_KEYS, TAU_KEY) if k not in extra_args]
-    if missing:
-        raise ValueError(f"adaptive temperature: extra_args has {present} but is missing {missing}")
-    values = {}
-    for key in (*STATS_KEYS, TAU_KEY):
-        value = extra_args[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise ValueError(f"adaptive temperature: extra_args['{key}'] must be a finite number, got {value!r}")
-        values[key] = float(value)
-    for key in STATS_KEYS[1:]:
-        if values[key] <= 0:
-            raise ValueError(f"adaptive temperature: extra_args['{key}'] must be > 0, got {values[key]!r}")
-    validate_tau(values[TAU_KEY], key=f"extra_args['{TAU_KEY}']")
-    ref = extra_args.get(REFERENCE_COMPAT_KEY, False)
-    if not isinstance(ref, (bool, int)) or ref not in (0, 1, True, False):
-        raise ValueError(f"adaptive temperature: extra_args['{REFERENCE_COMPAT_KEY}'] must be a bool, got {ref!r}")
-    stats = EntropyStats(pivot=values[STATS_KEYS[0]], scale=values[STATS_KEYS[1]],
-                         pos_scale=values[STATS_KEYS[2]], neg_scale=values[STATS_KEYS[3]])
-    return AdaptiveTemperatureRequest(stats=stats, tau=values[TAU_KEY], reference_compat=bool(ref))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-row-parameter form of ``row_temperature_factor`` (added for the vLLM logits processors / fast path):
+# Per-row-parameter form of ``row_temperature_factor`` (used by ``hapo_verl.sampling``: fast path, kernels):
 # every row of a decoding batch may carry its own statistics, tau and mode, as plain [rows] tensors.
 # ----------------------------------------------------------------------------------------------------------
 #: the fork's sampler constants (``reference_compat``): floor of H before its log, epsilon added to the scale
@@ -331,7 +262,8 @@ def row_temperature_factor_from_entropy(
     All arguments are [rows] tensors (or broadcastable); ``reference_compat`` is a bool tensor per row (or one
     bool). Returns f = 1 + tau * clamp(ĥ, -1, 1) per row, with ĥ from ``entropy_score`` in the row's mode:
     the default mode (log floor 1e-8, no scale epsilon, signed ĥ) or the fork's sampler rule (log floor 1e-6,
-    scale + 1e-6, ĥ = |ĥ|), both clamped. Parameters are assumed validated (``parse_adaptive_temperature_args``).
+    scale + 1e-6, ĥ = |ĥ|), both clamped. Parameters are assumed validated
+    (``hapo_verl.sampling.request.parse_adaptive_temperature_args``).
     """
     entropy = entropy.float()
 

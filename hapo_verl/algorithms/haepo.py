@@ -28,21 +28,18 @@ and epochs see the weights of θ_old (importance-weighted through r_t); the soft
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from hapo_verl.algorithms.groups import group_sum, num_groups as count_groups
+from hapo_verl.registry import OLD_LOG_PROB, AdvantageInputs, LossInputs, algorithm, option
 
 
 def _check_2d(name: str, tensor: torch.Tensor, shape) -> None:
     if tensor.dim() != 2 or tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-
-
-def validate_temperature(value, key: str = "temperature") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value \
-            or value == float("inf"):
-        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def sequence_scores(
@@ -57,14 +54,10 @@ def sequence_scores(
     return total / temperature
 
 
-def _num_groups(group_ids: torch.Tensor) -> int:
-    return int(group_ids.max().item()) + 1 if group_ids.numel() else 0
-
-
 def group_softmax(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Softmax of ``scores`` (B,) within each group (``group_ids`` (B,) in 0..G-1), numerically stable and
     differentiable."""
-    num_groups = _num_groups(group_ids)
+    num_groups = count_groups(group_ids)
     if num_groups == 0:
         return scores.clone()
     group_max = torch.full((num_groups,), float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -77,15 +70,15 @@ def group_softmax(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor
 def group_normalized_returns(
     returns: torch.Tensor, group_ids: torch.Tensor, norm_by_std: bool = True, epsilon: float = 1e-6
 ) -> torch.Tensor:
-    """R̃_k = (R_k − mean_g) / (std_g + ε), std unbiased as verl's GRPO; a group of one keeps R̃ = R (verl's
-    convention: mean 0, std 1), which HAEPO's baseline R̄_g then cancels exactly."""
-    num_groups = _num_groups(group_ids)
+    """R̃_k = (R_k − mean_g) / (std_g + ε), std unbiased as verl's GRPO; a group of one keeps R̃ = R exactly
+    (where :func:`~hapo_verl.algorithms.groups.grpo_sequence_advantage` gives R/(1 + ε)), which HAEPO's baseline R̄_g
+    then cancels exactly. In float64."""
+    num_groups = count_groups(group_ids)
     r = returns.to(torch.float64)
-    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids,
-                                                                                      torch.ones_like(r))
-    mean = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids, r) / count
+    count = group_sum(torch.ones_like(r), group_ids, num_groups)
+    mean = group_sum(r, group_ids, num_groups) / count
     centered = r - mean[group_ids]
-    var = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids, centered ** 2)
+    var = group_sum(centered ** 2, group_ids, num_groups)
     std = torch.sqrt(var / (count - 1).clamp_min(1.0))
     single = count[group_ids] < 2
     normalized = torch.where(single, r, centered / (std[group_ids] + epsilon) if norm_by_std else centered)
@@ -116,11 +109,9 @@ def haepo_weights(
         scores = sequence_scores(old_log_prob.double(), response_mask, temperature, length_normalize)
         weights = group_softmax(scores, group_ids)
         norm_returns = group_normalized_returns(returns.double(), group_ids, norm_by_std, epsilon)
-        num_groups = _num_groups(group_ids)
-        baseline = torch.zeros(num_groups, dtype=torch.float64, device=weights.device).index_add_(
-            0, group_ids, weights * norm_returns)[group_ids]
-        group_size = torch.zeros(num_groups, dtype=torch.float64, device=weights.device).index_add_(
-            0, group_ids, torch.ones_like(weights))[group_ids]
+        num_groups = count_groups(group_ids)
+        baseline = group_sum(weights * norm_returns, group_ids, num_groups)[group_ids]
+        group_size = group_sum(torch.ones_like(weights), group_ids, num_groups)[group_ids]
         # B / G over the rows with at least one valid token (verl's synthetic padding rows have none and their
         # own uid): (1/G) Σ_g  ==  (1/B) Σ_k (B/G), B being the sequence count verl's loss normalizes by
         has_tokens = response_mask.bool().any(-1)
@@ -168,7 +159,7 @@ def haepo_objective(
     batch that holds whole groups. Used as the reference the surrogate is tested against."""
     scores = sequence_scores(log_prob, response_mask, temperature, length_normalize)
     weights = group_softmax(scores, group_ids)
-    return (weights * norm_returns.to(weights.dtype)).sum() / max(_num_groups(group_ids), 1)
+    return (weights * norm_returns.to(weights.dtype)).sum() / max(count_groups(group_ids), 1)
 
 
 def haepo_policy_loss(
@@ -210,3 +201,73 @@ def haepo_policy_loss(
             "ratio_mean": (ratio.detach() * mask_f).sum() / count,
         }
     return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------ options, spec
+PAPER = "HAEPO, arXiv 2508.18884 (https://arxiv.org/abs/2508.18884); reconstruction in docs/haepo.md"
+KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "full", "k1+", "k3+", "low_var_kl+")
+
+
+@dataclass(frozen=True)
+class HAEPOEstimatorOptions:
+    """``algorithm.haepo.*`` with ``adv_estimator=haepo``."""
+
+    temperature: float = option(1.0, "κ of the Plackett-Luce softmax s_k = L_k/κ.", low=0.0, low_open=True,
+                                paper=PAPER + " [ours]")
+    length_normalize: bool = option(True, "Use the mean token log-likelihood L_k/T_k instead of the sum (sums over "
+                                    "hundreds of tokens make the softmax one-hot; docs/haepo.md §4).", paper=PAPER)
+    norm_adv_by_std: bool = option(True, "Divide the group-centred returns by the group std (GRPO).", paper=PAPER)
+    epsilon: float = option(1e-6, "Added to the std.", low=0.0, high=1.0)
+
+
+@dataclass
+class HAEPOLossOptions:
+    """``actor_rollout_ref.actor.policy_loss.*`` with ``loss_mode=haepo``."""
+
+    haepo_kl_coef: float = option(0.01, "β of the soft KL penalty to the frozen previous policy π_old (the paper's "
+                                  "value is not public).", low=0.0, paper=PAPER + " [ours]")
+    haepo_kl_type: str = option("low_var_kl", "verl KL estimator name for that penalty.", choices=KL_TYPES)
+
+
+def effective_group_frac(weights: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """exp(H(w_g)) / n_g averaged over groups: 1 = uniform weights, 1/n_g = one-hot."""
+    if weights.numel() == 0:
+        return 1.0
+    count = count_groups(group_ids)
+    plogp = torch.where(weights > 0, weights * torch.log(weights), torch.zeros_like(weights))
+    ent = -group_sum(plogp, group_ids, count)
+    size = group_sum(torch.ones_like(weights), group_ids, count)
+    return float((torch.exp(ent) / size).mean())
+
+
+def haepo_advantage(inputs: AdvantageInputs, options: HAEPOEstimatorOptions):
+    """HAEPO's per-token advantage Â from the old policy's log-probs of complete groups (driver)."""
+    mask = inputs.response_mask.bool()
+    returns = (inputs.token_level_rewards * mask).sum(-1)
+    advantages, norm_returns, info = haepo_advantages(
+        inputs.old_log_prob.float(), mask, returns.float(), inputs.group_ids, temperature=options.temperature,
+        length_normalize=options.length_normalize, norm_by_std=options.norm_adv_by_std, epsilon=options.epsilon)
+    dtype = inputs.token_level_rewards.dtype
+    w, n = info["weights"], info["group_size"]
+    multi = n > 1
+    metrics = {
+        "haepo/weight_max": float(w[multi].max()) if multi.any() else 1.0,
+        "haepo/effective_group_frac": effective_group_frac(w, inputs.group_ids),
+        "haepo/coef_abs_mean": float(info["coef"].abs().mean()) if w.numel() else 0.0,
+    }
+    return advantages.to(dtype), norm_returns.to(dtype), metrics
+
+
+@algorithm("loss", name="haepo", title="HAEPO", paper=PAPER,
+           summary="Plackett-Luce weights of whole trajectories on group-normalised returns, soft KL to π_old.",
+           loss_options=HAEPOLossOptions, advantage=haepo_advantage, estimator_options=HAEPOEstimatorOptions,
+           estimator_needs=frozenset({OLD_LOG_PROB}), loss_requires_estimator=True)
+def haepo_loss(inputs: LossInputs, options: HAEPOLossOptions):
+    """The return term is a sequence mean of token sums and the KL a token mean, both over the global batch,
+    whatever ``loss_agg_mode`` says (HAEPO is sequence-level)."""
+    return haepo_policy_loss(
+        inputs.old_log_prob, inputs.log_prob, inputs.advantages, inputs.response_mask.bool(),
+        kl_coef=options.haepo_kl_coef, kl_fn=lambda lp, old: inputs.kl(lp, old, options.haepo_kl_type),
+        aggregate_seq=lambda mat, mask: inputs.aggregate(mat, mask, "seq-mean-token-sum"),
+        aggregate_tok=lambda mat, mask: inputs.aggregate(mat, mask, "token-mean"),
+        rollout_is_weights=inputs.rollout_is_weights)

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from hapo_verl.algorithms.ppo import dual_clip_token_losses
+
 
 def adaptive_clip_ranges(
     h_hat: torch.Tensor, clip_low: float, clip_high: float, clip_alpha: float
@@ -46,27 +48,6 @@ def redistribute_advantage(
     modulated = torch.where(h_hat > 0, ~in_band, in_band)
     redistributed = torch.where(modulated, advantages * (1.0 + adv_beta * h_hat), advantages)
     return redistributed, modulated
-
-
-def dual_clip_token_losses(
-    advantages: torch.Tensor, ratio: torch.Tensor, clipped_ratio: torch.Tensor, clip_ratio_c: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """verl's dual-clip PPO token loss (``compute_policy_loss_vanilla`` before aggregation), op for op so that the
-    result is bit-equal, given the ratio and its clipped value (clip ranges may be per-token tensors).
-
-    Returns the (B, L) loss and two boolean masks: ``clipped`` (the clipped branch is active) and
-    ``clipped_lower`` (the dual-clip bound -A·c is active, negative advantages only)."""
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * clipped_ratio
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    negative = advantages < 0
-    pg_losses = torch.where(negative, clip_pg_losses2, clip_pg_losses1)
-    with torch.no_grad():
-        clipped = torch.gt(pg_losses2, pg_losses1)
-        clipped_lower = torch.gt(clip_pg_losses1, pg_losses3).logical_and_(negative)
-    return pg_losses, clipped, clipped_lower
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -139,7 +120,7 @@ def hapo_policy_loss(
         if h_hat is not None:
             high = (h_hat > 0).to(mask_f.dtype).mul_(mask_f)
             n_high = high.sum()
-            n_low = count - n_high if mask_f.sum() > 0 else n_high
+            n_low = torch.where(mask_f.sum() > 0, count - n_high, n_high)  # no host sync
             clipped_f = clipped.to(mask_f.dtype)
             clipped_high = torch.dot(clipped_f.view(-1), high.view(-1))
             clipped_all = metrics["pg_clipfrac"] * count
@@ -160,6 +141,6 @@ def hapo_policy_loss(
                 metrics["clip_lower_bound_mean"] = _masked_mean(lower, mask_f, count)
                 metrics["clip_upper_bound_mean"] = _masked_mean(upper, mask_f, count)
             else:
-                metrics["clip_lower_bound_mean"] = torch.tensor(1.0 - clip_low)
-                metrics["clip_upper_bound_mean"] = torch.tensor(1.0 + clip_high)
+                metrics["clip_lower_bound_mean"] = torch.tensor(1.0 - clip_low, device=mask_f.device)
+                metrics["clip_upper_bound_mean"] = torch.tensor(1.0 + clip_high, device=mask_f.device)
     return loss, metrics

@@ -25,8 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke check: one seed, a few steps, tiny warm-up")
     p.add_argument("--engine", choices=["fast", "verl", "both"], default="fast")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--methods", nargs="+", default=None, choices=["grpo", "dapo", "hapo", "hapo_ref"])
-    p.add_argument("--verl-methods", nargs="+", default=None, choices=["grpo", "dapo", "hapo", "hapo_ref"])
+    from hapo_verl.bench_learning.fast import METHOD_NAMES
+    from hapo_verl.bench_learning.verl_mode import VERL_METHODS
+
+    p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES,
+                   help="fast-mode methods: verl's GRPO and DAPO, one per registered algorithm (default: all; "
+                        "--quick: grpo dapo hapo hapo_ref)")
+    p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS))
     p.add_argument("--verl-seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None, help="fast-mode RL steps (default 800, quick 6)")
     p.add_argument("--verl-steps", type=int, default=None, help="verl-mode RL steps (default 40, quick 2)")
@@ -50,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args):
     from hapo_verl.bench_learning.fast import RLConfig
-    from hapo_verl.bench_learning.task import TaskConfig
     from hapo_verl.bench_learning.warmup import WarmupSettings
+    from hapo_verl.tinyworld.reversed_addition import TaskConfig
 
     q = args.quick
     task = TaskConfig(kind=args.task, digits=args.digits, num_heldout=args.heldout or (100 if q else 500))
@@ -59,7 +64,9 @@ def _settings(args):
     rl = RLConfig(steps=steps, lr=args.lr, eval_every=args.eval_every or (3 if q else 40), threads=args.threads)
     warm = WarmupSettings(target_accuracy=args.target_acc, max_steps=30 if q else 3000)
     seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
-    methods = args.methods or ["grpo", "dapo", "hapo", "hapo_ref"]
+    from hapo_verl.bench_learning.fast import METHOD_NAMES
+
+    methods = args.methods or (["grpo", "dapo", "hapo", "hapo_ref"] if q else list(METHOD_NAMES))
     verl_methods = args.verl_methods or (["hapo"] if q else ["dapo", "hapo"])
     verl_seeds = args.verl_seeds if args.verl_seeds is not None else seeds[:1]
     verl_steps = args.verl_steps or (2 if q else 40)
@@ -77,6 +84,14 @@ def _fast_job(model_dir, task, method, seed, rl, path):
 
     rec = run_fast(model_dir, task, method, seed, rl, out_path=path)
     return method, seed, rec["seconds"], rec["evals"][-1]["acc"]
+
+
+def _write_parquet(path: str, rows: list[dict]) -> str:
+    import pandas as pd
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    return path
 
 
 def _pool(jobs):
@@ -123,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] done {m} s{s}: {secs:.0f} s, last acc {acc:.3f}", flush=True)
 
         if args.engine in ("verl", "both"):
-            from hapo_verl.bench_learning.task import ProblemSampler, heldout_problems, write_parquet
             from hapo_verl.bench_learning.verl_mode import run_verl
+            from hapo_verl.tinyworld.reversed_addition import ProblemSampler, heldout_problems, rl_rows
 
             os.makedirs(verl_dir, exist_ok=True)
             for seed in verl_seeds:
                 n_train = (verl_steps + 2) * rl.prompts_per_step * rl.max_gen_batches
                 data_dir = os.path.join(args.out, "data", f"seed{seed}")
-                train = write_parquet(task, os.path.join(data_dir, "train.parquet"),
-                                      ProblemSampler(task, seed).sample(n_train), "train")
-                val = write_parquet(task, os.path.join(data_dir, "heldout.parquet"), heldout_problems(task), "heldout")
+                train = _write_parquet(os.path.join(data_dir, "train.parquet"),
+                                       rl_rows(task, ProblemSampler(task, seed).sample(n_train), "train"))
+                val = _write_parquet(os.path.join(data_dir, "heldout.parquet"),
+                                     rl_rows(task, heldout_problems(task), "heldout"))
                 for method in verl_methods:
                     run_verl(method, seed, task, warmups[seed][0], train, val, verl_steps, verl_dir, rl,
                              test_freq=max(1, verl_steps // 4) if verl_steps >= 8 else verl_steps)

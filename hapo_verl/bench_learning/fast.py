@@ -9,10 +9,15 @@ Per RL step (one method, one seed):
 2. rewards (task reward, + DAPO's overlong shaping), verl token-level rewards on the last response token;
 3. DAPO: dynamic sampling, groups whose rewards have zero variance are dropped and refilled with new
    generation batches (at most ``max_gen_batches``), as verl's ``algorithm.filter_groups``;
-4. advantages through verl's estimator registry ``get_adv_estimator_fn("grpo" | "hapo")``;
+4. the batch statistics of the method's algorithm (its spec's hook, over the whole batch, as the trainer), and
+   advantages through verl's estimator registry (``get_adv_estimator_fn``) with what the estimator's spec needs;
 5. ``ppo_mini_batches`` optimizer steps (AdamW, grad clip 1.0) with verl's ``compute_policy_loss_vanilla``
-   (``get_policy_loss_fn("vanilla")``) or :func:`compute_hapo_policy_loss`; aggregation as verl's global
-   batch (the loss of every micro-batch is weighted by its share of the mini-batch, as ``global_batch_info``).
+   (``get_policy_loss_fn("vanilla")``) or any registered loss (:func:`hapo_verl.compute_policy_loss`); aggregation
+   as verl's global batch (the loss of every micro-batch is weighted by its share of the mini-batch, as
+   ``global_batch_info``).
+
+The methods are verl's GRPO and DAPO plus one per registered algorithm (:func:`registered_methods`), and a
+``<name>_ref`` variant for an algorithm whose sampling options have a ``reference_compat`` switch.
 
 Every ``eval_every`` steps: greedy accuracy on the fixed held-out prompts.
 """
@@ -28,27 +33,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hapo_verl.bench_learning.task import Codec, ProblemSampler, TaskConfig, answer_text, heldout_problems
-
-METHOD_NAMES = ("grpo", "dapo", "hapo", "hapo_ref")
-
+from hapo_verl.tinyworld.reversed_addition import Codec, ProblemSampler, TaskConfig, answer_text, heldout_problems
 
 @dataclass(frozen=True)
 class MethodConfig:
     name: str
-    estimator: str = "grpo"
-    loss: str = "vanilla"  # vanilla | hapo
+    estimator: str = "grpo"  # verl's estimator or a registered one
+    loss: str = "vanilla"  # verl's vanilla loss or a registered one
     loss_agg_mode: str = "token-mean"
     clip_low: float = 0.2
     clip_high: float = 0.2
     clip_ratio_c: float = 10.0
     dynamic_sampling: bool = False
     overlong_shaping: bool = False
-    temperature_tau: float = 0.0
-    reference_compat: bool = False
-    entropy_pivot: float = 0.8
-    clip_alpha: float = 1.0
-    adv_beta: float = 1.0
+    temperature_tau: float = 0.0  # adaptive temperature (0: off)
+    reference_compat: bool = False  # the fork-compatibility switch, for algorithms that have one
+
+
+#: the published adaptive-temperature depth used whenever a method samples with adaptive temperature
+TEMPERATURE_TAU = 0.05
+
+
+def registered_methods() -> dict[str, MethodConfig]:
+    """One method per registered algorithm: its estimator (else GRPO's) and its loss (else verl's vanilla) with
+    their default options, adaptive temperature when the algorithm provides it, and a ``<name>_ref`` variant
+    with the fork-compatibility switch on when its sampling options have one."""
+    from dataclasses import fields
+
+    from hapo_verl import registry
+
+    methods = {}
+    for spec in registry.specs():
+        samples = spec.sampling_options is not None
+        base = MethodConfig(spec.name, estimator=spec.name if spec.advantage else "grpo",
+                            loss=spec.name if spec.loss else "vanilla", temperature_tau=TEMPERATURE_TAU if samples else 0.0)
+        methods[spec.name] = base
+        if samples and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
+            methods[f"{spec.name}_ref"] = MethodConfig(**{**asdict(base), "name": f"{spec.name}_ref",
+                                                          "reference_compat": True})
+    return methods
 
 
 METHODS = {
@@ -56,11 +79,9 @@ METHODS = {
     "grpo": MethodConfig("grpo", loss_agg_mode="seq-mean-token-mean"),
     # DAPO: GRPO advantages + clip-higher + token-mean + dynamic sampling + overlong shaping
     "dapo": MethodConfig("dapo", clip_high=0.28, dynamic_sampling=True, overlong_shaping=True),
-    # HAPO (hapo.yaml): TLGA estimator, HAPO loss, adaptive temperature, batch statistics of the old entropy
-    "hapo": MethodConfig("hapo", estimator="hapo", loss="hapo", temperature_tau=0.05),
-    # HAPO as the authors' fork: unsigned score, per-micro-batch statistics of the current entropy
-    "hapo_ref": MethodConfig("hapo_ref", estimator="hapo", loss="hapo", temperature_tau=0.05, reference_compat=True),
+    **registered_methods(),
 }
+METHOD_NAMES = tuple(METHODS)
 
 
 @dataclass(frozen=True)
@@ -157,17 +178,26 @@ def _pad_cat(tensors: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors], 0)
 
 
+def _with_switch(options_cls, method: MethodConfig) -> dict:
+    """The options a method sets: the fork-compatibility switch where the options have one."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(options_cls)} if options_cls is not None else set()
+    return {"reference_compat": method.reference_compat} if "reference_compat" in names else {}
+
+
 def actor_config(method: MethodConfig, rl: RLConfig):
     from verl.workers.config import ActorConfig
     from verl.workers.config.actor import PolicyLossConfig
 
-    from hapo_verl.config import HAPOPolicyLossConfig
+    from hapo_verl import config, registry
 
-    if method.loss == "hapo":
-        policy_loss = HAPOPolicyLossConfig(reference_compat=method.reference_compat, clip_alpha=method.clip_alpha,
-                                           adv_beta=method.adv_beta, entropy_pivot=method.entropy_pivot)
+    spec = registry.get(method.loss)
+    if spec is not None and spec.loss is not None:
+        cls = config.LOSS_CONFIG_CLASSES[config.loss_config_name(spec)]
+        policy_loss = cls(**_with_switch(spec.loss_options, method))
     else:
-        policy_loss = PolicyLossConfig(loss_mode="vanilla")
+        policy_loss = PolicyLossConfig(loss_mode=method.loss)
     return ActorConfig(strategy="fsdp", rollout_n=rl.n, ppo_micro_batch_size_per_gpu=rl.micro_batch_size,
                        clip_ratio_low=method.clip_low, clip_ratio_high=method.clip_high,
                        clip_ratio_c=method.clip_ratio_c, loss_agg_mode=method.loss_agg_mode,
@@ -184,9 +214,19 @@ class FastRun:
         self.task = codec.task
         self.sampler = ProblemSampler(self.task, seed)
         self.gen = torch.Generator().manual_seed(seed * 1000 + 1)
+        from hapo_verl import registry
+        from hapo_verl.integration.options import loss_options
+
         self.adv_fn = get_adv_estimator_fn(method.estimator)
         self.vanilla_loss = get_policy_loss_fn("vanilla")
         self.config = actor_config(method, rl)
+        self.loss_spec = registry.get(method.loss) if method.loss != "vanilla" else None
+        self.loss_options = loss_options(self.loss_spec, self.config.policy_loss) if self.loss_spec else None
+        self.loss_needs = self.loss_spec.needs_of_loss(self.loss_options) if self.loss_spec else frozenset()
+        self.estimator_spec = registry.get(method.estimator)
+        if self.estimator_spec is not None and self.estimator_spec.advantage is None:
+            self.estimator_spec = None
+        self.sampling_spec = next((s for s in registry.specs() if s.rollout_entropy_stats), None)
         self.opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay,
                                      betas=(0.9, 0.999))
         self.prev_stats = None  # entropy statistics of the previous step (adaptive temperature)
@@ -269,12 +309,17 @@ class FastRun:
         tlr[torch.arange(mask.shape[0]), (lengths - 1).clamp_min(0)] = reward
         return tlr * mask
 
-    def advantages(self, batch: dict, token_level_rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, batch: dict, token_level_rewards: torch.Tensor, batch_stats: dict) -> torch.Tensor:
+        from hapo_verl.integration.estimator import estimator_inputs
+
         index = np.array(batch["uid"], dtype=object)
-        if self.method.estimator == "hapo":
-            adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"], index=index,
-                                 config={"hapo": {"reference_compat": self.method.reference_compat}},
-                                 entropys=batch["entropy"])
+        spec = self.estimator_spec
+        if spec is not None:
+            options = {spec.name: _with_switch(spec.estimator_options, self.method)}
+            with estimator_inputs(old_log_prob=batch["old_log_prob"], entropy=batch["entropy"],
+                                  batch_stats=batch_stats.get(spec.name)):
+                adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"],
+                                     index=index, config=options)
         else:
             adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"], index=index,
                                  epsilon=1e-6, norm_adv_by_std_in_grpo=True, config=None)
@@ -289,14 +334,17 @@ class FastRun:
         logits = self.model(input_ids=torch.cat([prompts, tokens], 1)).logits[:, P - 1:P + L - 1].float()
         temps = batch["temperature"][rows]
         logp = torch.log_softmax(logits / temps[..., None], -1).gather(-1, tokens[..., None])[..., 0]
-        if not self.method.reference_compat:  # only the fork's loss uses the current policy's entropy
+        from hapo_verl.registry import CURRENT_ENTROPY
+
+        if CURRENT_ENTROPY not in self.loss_needs:  # e.g. only HAPO's fork mode uses the current policy's entropy
             return logp, None
         with torch.no_grad():
             entropy = token_entropy_from_logits(logits.detach())
         return logp, entropy
 
-    def update(self, batch: dict, adv: torch.Tensor, stats) -> dict:
-        from hapo_verl.integration.loss import compute_hapo_policy_loss
+    def update(self, batch: dict, adv: torch.Tensor, batch_stats: dict) -> dict:
+        from hapo_verl.integration.loss import compute_policy_loss
+        from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
 
         rl, m = self.rl, self.method
         B = batch["mask"].shape[0]
@@ -318,11 +366,13 @@ class FastRun:
                     weight = mm.sum() / mini_tokens
                 else:
                     weight = (mm.sum(1) > 0).sum() / mini_seqs
-                if m.loss == "hapo":
-                    entropy = cur_entropy[micro] if m.reference_compat else batch["entropy"][rows][micro]
-                    part, pm = compute_hapo_policy_loss(old[micro], logp[micro], a[micro], mm, entropy,
-                                                        m.loss_agg_mode, self.config,
-                                                        entropy_stats=None if m.reference_compat else stats)
+                if self.loss_spec is not None:
+                    needs = self.loss_needs
+                    entropy = cur_entropy[micro] if CURRENT_ENTROPY in needs else \
+                        batch["entropy"][rows][micro] if OLD_ENTROPY in needs else None
+                    stats = batch_stats.get(m.loss) if BATCH_STATS in needs else None
+                    part, pm = compute_policy_loss(m.loss, old[micro], logp[micro], a[micro], mm, m.loss_agg_mode,
+                                                   self.config, entropy=entropy, batch_stats=stats)
                 else:
                     part, pm = self.vanilla_loss(old[micro], logp[micro], a[micro], mm, m.loss_agg_mode,
                                                  self.config, None)
@@ -338,8 +388,26 @@ class FastRun:
             metrics["grad_norm"] += float(gn) / n_mini
         return metrics
 
+    def batch_stats(self, batch: dict) -> dict:
+        """The batch statistics of the method's algorithm and, with adaptive temperature, the rollout's entropy
+        statistics: each spec's hook once over the whole batch, as the trainer does."""
+        from hapo_verl import registry
+
+        hooks = {}
+        if self.loss_spec is not None and registry.BATCH_STATS in self.loss_needs:
+            hooks[self.loss_spec.name] = (self.loss_spec, self.loss_options)
+        spec = self.estimator_spec
+        if spec is not None and registry.BATCH_STATS in spec.needs_of_estimator(spec.estimator_options()):
+            hooks.setdefault(spec.name, (spec, self.loss_options if spec is self.loss_spec else spec.loss_options()))
+        if self.method.temperature_tau > 0 and self.sampling_spec is not None:
+            spec = self.sampling_spec
+            hooks.setdefault(spec.name, (spec, self.loss_options if spec is self.loss_spec else spec.loss_options()))
+        view = registry.OldPolicyBatch(response_mask=batch["mask"], entropy=batch["entropy"],
+                                       old_log_prob=batch["old_log_prob"])
+        return {name: spec.batch_stats(view, options)[0] for name, (spec, options) in hooks.items()}
+
     def step(self) -> dict:
-        from hapo_verl.algorithms.entropy import compute_entropy_stats
+        from hapo_verl.algorithms.entropy import EntropyStats
 
         t0 = time.time()
         batch, info = self.rollout()
@@ -347,10 +415,12 @@ class FastRun:
             return {**info, "skipped": 1.0, "step_time": time.time() - t0}
         mask = batch["mask"]
         tlr = self.rewards(batch)
-        adv = self.advantages(batch, tlr)
-        stats = compute_entropy_stats(batch["entropy"], mask, self.method.entropy_pivot)
-        metrics = self.update(batch, adv, stats)
-        self.prev_stats = stats  # the next step's sampler uses this step's statistics
+        batch_stats = self.batch_stats(batch)
+        adv = self.advantages(batch, tlr, batch_stats)
+        metrics = self.update(batch, adv, batch_stats)
+        if self.method.temperature_tau > 0 and self.sampling_spec is not None:
+            # the next step's sampler uses this step's statistics
+            self.prev_stats = EntropyStats.from_dict(batch_stats[self.sampling_spec.name])
         lengths = mask.sum(1)
         temps = batch["temperature"][mask.bool()]
         metrics.update(info)

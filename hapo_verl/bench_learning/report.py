@@ -10,8 +10,26 @@ from pathlib import Path
 
 import numpy as np
 
+#: the methods of the committed report first; any other method of the records follows, by name
 ORDER = ["grpo", "dapo", "hapo", "hapo_ref"]
 LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO (default)", "hapo_ref": "HAPO (reference_compat)"}
+
+
+def label(method: str) -> str:
+    """A method's label: the known ones above, else the registered algorithm's title."""
+    if method in LABELS:
+        return LABELS[method]
+    from hapo_verl import registry
+
+    fork = method.endswith("_ref")
+    spec = registry.get(method[: -len("_ref")] if fork else method)
+    if spec is None:
+        return method
+    return f"{spec.title} (reference_compat)" if fork else spec.title
+
+
+def ordered(methods) -> list[str]:
+    return [m for m in ORDER if m in methods] + sorted(m for m in methods if m not in ORDER)
 
 
 def load_runs(directory: str) -> list[dict]:
@@ -79,7 +97,7 @@ def _group(runs):
     by = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
-    return {m: sorted(by[m], key=lambda r: r["seed"]) for m in ORDER if m in by}
+    return {m: sorted(by[m], key=lambda r: r["seed"]) for m in ordered(by)}
 
 
 def fast_table(runs: list[dict], last: int) -> str:
@@ -102,7 +120,7 @@ def fast_table(runs: list[dict], last: int) -> str:
         budget = [budget_accuracy(r) for r in rs]
         budget_steps = "/".join(sorted({str(b[1]) for b in budget}))
         per_seed = ", ".join(f"s{r['seed']}: {e:.3f}" for r, e in zip(rs, ends))
-        lines.append(f"| {LABELS.get(method, method)} | {len(rs)} | {'/'.join(map(str, steps))} | "
+        lines.append(f"| {label(method)} | {len(rs)} | {'/'.join(map(str, steps))} | "
                      f"{_mean_std(starts)} | {_mean_std(ends)} | {_mean_std(deltas)} | {_mean_std(aucs)} | "
                      f"{_mean_std([b[0] for b in budget])} ({budget_steps}) | {per_seed} | {ent0:.3f} → {ent1:.3f} | {len0:.2f} → {len1:.2f} | {samples:.0f} | {secs:.0f} |")
     return "\n".join(lines)
@@ -120,12 +138,17 @@ def _first_last(history, key) -> str:
 PAIRS = [("hapo", "dapo"), ("hapo", "grpo"), ("dapo", "grpo"), ("hapo_ref", "hapo")]
 
 
+def pairs(methods) -> list[tuple[str, str]]:
+    """The committed pairs, then every other method against DAPO."""
+    return PAIRS + [(m, "dapo") for m in ordered(methods) if m not in ORDER]
+
+
 def paired_table(runs: list[dict], last: int) -> str:
     """Per-seed differences (same seed = same checkpoint and prompts): A − B."""
     by = {(r["method"], r["seed"]): r for r in runs}
     lines = ["| A − B | seeds | end acc: per seed | mean | AUC: mean | acc at equal sample budget: mean |",
              "|---|---|---|---|---|---|"]
-    for a, b in PAIRS:
+    for a, b in pairs({m for m, _ in by}):
         seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
         if not seeds:
             continue
@@ -133,7 +156,7 @@ def paired_table(runs: list[dict], last: int) -> str:
         d_auc = [auc(by[a, s]["evals"]) - auc(by[b, s]["evals"]) for s in seeds]
         d_bud = [budget_accuracy(by[a, s])[0] - budget_accuracy(by[b, s])[0] for s in seeds]
         per = ", ".join(f"s{s}: {d:+.3f}" for s, d in zip(seeds, d_end))
-        lines.append(f"| {LABELS[a]} − {LABELS[b]} | {len(seeds)} | {per} | {_mean_std(d_end)} | {_mean_std(d_auc)} "
+        lines.append(f"| {label(a)} − {label(b)} | {len(seeds)} | {per} | {_mean_std(d_end)} | {_mean_std(d_auc)} "
                      f"| {_mean_std(d_bud)} |")
     return "\n".join(lines)
 
@@ -143,7 +166,7 @@ def verl_table(verl_runs: list[dict], fast_runs: list[dict]) -> str:
     lines = ["| method | seed | steps | rc | verl val acc: start → end | fast-mode acc: start → first eval ≥ verl's last step | "
              "verl train score, first → last quarter | fast train score, same steps | verl entropy, first → last quarter | "
              "verl wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(verl_runs, key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 9, r["seed"])):
+    for r in sorted(verl_runs, key=lambda r: (ordered({x["method"] for x in verl_runs}).index(r["method"]), r["seed"])):
         ev = r.get("evals", [])
         va = f"{ev[0]['acc']:.3f} → {ev[-1]['acc']:.3f}" if ev else "-"
         f = fast.get((r["method"], r["seed"]))
@@ -158,7 +181,7 @@ def verl_table(verl_runs: list[dict], fast_runs: list[dict]) -> str:
         h = r.get("history", [])
         vs = _first_last(h, "score")
         ve = _first_last(h, "entropy")
-        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | {r['steps']} | {r.get('returncode')} "
+        lines.append(f"| {label(r['method'])} | {r['seed']} | {r['steps']} | {r.get('returncode')} "
                      f"| {va} | {fa} | {vs} | {fs} | {ve} | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
@@ -186,7 +209,7 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
         steps = [e["step"] for e in rs[0]["evals"]]
         n = min(len(r["evals"]) for r in rs)
         accs = np.array([[e["acc"] for e in r["evals"][:n]] for r in rs])
-        ax.plot(steps[:n], accs.mean(0), label=f"{LABELS[method]} (n={len(rs)})", color=colors.get(method))
+        ax.plot(steps[:n], accs.mean(0), label=f"{label(method)} (n={len(rs)})", color=colors.get(method))
         ax.fill_between(steps[:n], accs.min(0), accs.max(0), alpha=0.15, color=colors.get(method))
     ax.set_xlabel("RL step"); ax.set_ylabel("greedy held-out accuracy"); ax.grid(alpha=0.3)
     ax.set_title("Held-out accuracy (mean over seeds, band = min..max)"); ax.legend()
@@ -202,7 +225,7 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
                 cum[h["step"]] = total
             pts = [(cum[e["step"]] / 1000, e["acc"]) for e in r["evals"] if e["step"] in cum]
             ax.plot(*zip(*pts), color=colors.get(method), alpha=0.7, lw=1,
-                    label=LABELS[method] if i == 0 else None)
+                    label=label(method) if i == 0 else None)
     ax.set_xlabel("generated samples (thousands)"); ax.set_ylabel("greedy held-out accuracy"); ax.grid(alpha=0.3)
     ax.set_title("Held-out accuracy vs sampling cost (one line per seed)"); ax.legend()
     path = os.path.join(plot_dir, "accuracy_vs_samples.png"); fig.tight_layout(); fig.savefig(path, dpi=110)
@@ -220,7 +243,7 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
             vals = np.array([[h.get(key, np.nan) for h in r["history"][:n]] for r in rs]).mean(0)
             k = max(1, n // 30)
             sm = _smooth(vals, k)
-            ax.plot(np.arange(len(sm)) + k, sm, label=LABELS[method], color=colors.get(method))
+            ax.plot(np.arange(len(sm)) + k, sm, label=label(method), color=colors.get(method))
         ax.set_xlabel("RL step"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
         ax.set_title(f"{ylabel.split('(')[0].strip()} (mean over seeds, moving average)")
         path = os.path.join(plot_dir, name); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
@@ -233,14 +256,14 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
             c = colors.get(r["method"])
             if r.get("evals"):
                 ax.plot([e["step"] for e in r["evals"]], [e["acc"] for e in r["evals"]], "o-", color=c,
-                        label=f"verl {LABELS.get(r['method'], r['method'])} s{r['seed']}")
+                        label=f"verl {label(r['method'])} s{r['seed']}")
             f = fast.get((r["method"], r["seed"]))
             if f:
                 first_after = [e["step"] for e in f["evals"] if e["step"] >= r["steps"]]
                 limit = first_after[0] if first_after else math.inf
                 fe = [e for e in f["evals"] if e["step"] <= limit]
                 ax.plot([e["step"] for e in fe], [e["acc"] for e in fe], "x--", color=c,
-                        label=f"fast {LABELS.get(r['method'], r['method'])} s{r['seed']}")
+                        label=f"fast {label(r['method'])} s{r['seed']}")
         ax.set_xlabel("RL step"); ax.set_ylabel("greedy held-out accuracy"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
         ax.set_title("verl trainer vs fast mode (same checkpoint, same prompts)")
         path = os.path.join(plot_dir, "verl_vs_fast.png"); fig.tight_layout(); fig.savefig(path, dpi=110)

@@ -2,10 +2,10 @@
 
 Each run is a subprocess ``python -m hapo_verl.bench_learning.verl_mode ...`` (verl resolves its platform
 once per process and starts its own Ray cluster), which composes ``hapo_verl/conf/{hapo,dapo}.yaml`` with
-:func:`hapo_verl.cli.compose` and runs :func:`hapo_verl.main.run`, like ``hapo-verl tiny``, but on the
+:func:`hapo_verl.launcher.compose` and runs :func:`hapo_verl.launcher.run`, like ``hapo-verl tiny``, but on the
 benchmark's warmed-up checkpoint (the same start as the fast mode), its parquet files (training prompts in the
 fast mode's order, ``data.shuffle=False``; the held-out prompts as validation set) and its reward function
-(:func:`hapo_verl.bench_learning.task.compute_score`).
+(:func:`hapo_verl.tinyworld.reversed_addition.compute_score`).
 """
 
 from __future__ import annotations
@@ -17,17 +17,31 @@ import subprocess
 import sys
 import time
 
-from hapo_verl.bench_learning.task import TaskConfig
+from hapo_verl.tinyworld.reversed_addition import TaskConfig
 
 #: per method: the packaged config and the overrides that turn it into the benchmark's configuration
+def _registered_verl_methods() -> dict[str, tuple[str, list[str]]]:
+    """Each registered algorithm's packaged config; a ``<name>_ref`` variant where its sampling options have the
+    fork-compatibility switch (as the fast mode's methods)."""
+    from dataclasses import fields
+
+    from hapo_verl import registry
+
+    methods = {}
+    for spec in registry.specs():
+        methods[spec.name] = (spec.name, [])
+        if spec.sampling_options is not None and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
+            methods[f"{spec.name}_ref"] = (spec.name, [f"{spec.name}.reference_compat=true"])
+    return methods
+
+
 VERL_METHODS = {
     "grpo": ("dapo", ["algorithm.filter_groups.enable=false",
                       "reward.reward_kwargs.overlong_buffer_cfg.enable=false",
                       "actor_rollout_ref.actor.clip_ratio_high=0.2",
                       "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"]),
     "dapo": ("dapo", ["algorithm.filter_groups.metric=acc"]),
-    "hapo": ("hapo", []),
-    "hapo_ref": ("hapo", ["hapo.reference_compat=true"]),
+    **_registered_verl_methods(),
 }
 
 
@@ -44,7 +58,7 @@ def verl_overrides(method: str, task: TaskConfig, model_dir: str, train_file: st
         f"data.max_prompt_length={task.prompt_len + 8}",
         f"data.max_response_length={task.max_new_tokens}",
         "data.shuffle=False",
-        "reward.custom_reward_function.path=pkg://hapo_verl.bench_learning.task",
+        "reward.custom_reward_function.path=pkg://hapo_verl.tinyworld.reversed_addition",
         "reward.custom_reward_function.name=compute_score",
         f"data.train_batch_size={prompts}",
         "data.val_batch_size=500",
@@ -77,8 +91,7 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--metrics", required=True)
     args, overrides = parser.parse_known_args(argv)
-    from hapo_verl.cli import compose
-    from hapo_verl.main import run
+    from hapo_verl.launcher import compose, run
 
     overrides = [f'+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="{args.metrics}"', *overrides]
     run(compose(args.config, overrides))

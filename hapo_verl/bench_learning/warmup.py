@@ -1,13 +1,15 @@
 """Supervised warm-up: one cached checkpoint per (task, seed), shared by every method and both engines.
 
-From a seeded random init (:func:`~hapo_verl.bench_learning.task.build_model`), answer-only cross-entropy on
+From a seeded random init (the tiny world's model, :func:`hapo_verl.tinyworld.world.create`, in the task's
+shape :data:`hapo_verl.tinyworld.reversed_addition.SHAPE`), answer-only cross-entropy on
 training-distribution problems (never held-out ones), AdamW, batch 128; every ``check_every`` steps the greedy
 accuracy on a separate check set (not the held-out evaluation set) is measured and training stops at the first
 check that reaches ``target_accuracy``: the supervised transition of this task is sharp, so a fixed step count
 would give very different starts across seeds, while a target gives a reproducible partial start.
 
 The checkpoint is an HF model directory with the tokenizer and chat template (what verl's trainer loads);
-``warmup.json`` next to it records the outcome. It is reused when present (same task, seed and settings).
+``warmup.json`` next to it records the outcome. It is reused when present (same task, seed, settings and
+:data:`CHECKPOINT_VERSION`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hapo_verl.bench_learning.task import Codec, ProblemSampler, TaskConfig, build_model, build_tokenizer
 from hapo_verl.supervised import answer_only_batch, file_lock, train_until_accurate
+from hapo_verl.tinyworld import world
+from hapo_verl.tinyworld.reversed_addition import SHAPE, Codec, ProblemSampler, TaskConfig
+
+#: bump when the checkpoint's tokenizer, template or model change: checkpoints of another version are not reused
+CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class WarmupSettings:
 
 
 def checkpoint_dir(cache_root: str | Path, task: TaskConfig, settings: WarmupSettings, seed: int) -> Path:
-    return Path(cache_root).expanduser().resolve() / f"{task.kind}{task.digits}_{task.key()}_{settings.key()}" / f"seed{seed}"
+    name = f"{task.kind}{task.digits}_{task.key()}_{settings.key()}_v{CHECKPOINT_VERSION}"
+    return Path(cache_root).expanduser().resolve() / name / f"seed{seed}"
 
 
 def ensure_warm_checkpoint(cache_root: str | Path, task: TaskConfig, seed: int,
@@ -70,9 +77,9 @@ def _warm_up(model_dir: Path, task: TaskConfig, seed: int, cfg: WarmupSettings, 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        tokenizer = build_tokenizer(model_dir)
+        world.create(model_dir, SHAPE, seed)
+        tokenizer, model = world.load(model_dir)
         codec = Codec(tokenizer, task)
-        model = build_model(tokenizer, seed)
         sampler = ProblemSampler(task, seed + 100_000)
         check = ProblemSampler(task, 999_983).sample(cfg.check_problems)
         torch.manual_seed(seed)
@@ -87,7 +94,6 @@ def _warm_up(model_dir: Path, task: TaskConfig, seed: int, cfg: WarmupSettings, 
                                    lr=cfg.lr, grad_clip=cfg.grad_clip, max_steps=cfg.max_steps,
                                    check_every=cfg.check_every, target_accuracy=cfg.target_accuracy)
         model.save_pretrained(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
         outcome = {"seed": seed, "steps": run.steps, "seconds": round(time.time() - start, 2),
                    "check_accuracy": round(run.accuracy, 4), "reached_target": run.reached_target,
                    "final_loss": round(run.final_loss, 4), "settings": asdict(cfg), "task": task.to_dict(),

@@ -1,5 +1,9 @@
 """CPU backend for verl 0.9.1: platform ``cpu`` (gloo), rollout ``hfcpu`` (HF transformers), tiny assets.
 
+This room may import verl, Ray, transformers and the pure rooms of the package (``sampling`` for the rollout's
+adaptive temperature, ``algorithms``, ``tinyworld``), never vLLM; this ``__init__``, ``names`` and ``registration``
+stay light (no torch / verl import at module level).
+
 Use from a launcher::
 
     from hapo_verl.cpu import cpu_env, cpu_overrides, ensure_tiny_assets
@@ -19,17 +23,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hapo_verl.cpu.registration import ROLLOUT_NAME, ensure_cpu_backend_registered, register_cpu_backend
+from hapo_verl.cpu.names import ROLLOUT_NAME
+from hapo_verl.cpu.registration import ensure_cpu_backend_registered, register_cpu_backend
 
 if TYPE_CHECKING:
     from hapo_verl.cpu.assets import TinyAssets
 
-#: per-token effective sampling temperature, a list[float] in ``TokenOutput.extra_fields`` (see rollout.py)
-TOKEN_TEMPERATURES_KEY = "hapo_token_temperatures"
-
 __all__ = [
     "ROLLOUT_NAME",
-    "TOKEN_TEMPERATURES_KEY",
     "cpu_env",
     "cpu_overrides",
     "ensure_cpu_backend_registered",

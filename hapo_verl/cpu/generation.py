@@ -13,9 +13,10 @@ Sampling, per row and per decode step (the vLLM order: logits processors, temper
 1. greedy rows (temperature < 1e-5, vLLM's epsilon): ``argmax`` of the raw logits; the reported log-prob is
    ``log_softmax(raw logits)`` at that token (what vLLM reports for greedy) and the reported temperature 0.
 2. adaptive rows (request ``extra_args`` with HAPO statistics, :func:`parse_adaptive_temperature_args`):
-   ``f`` from the entropy of the pre-temperature distribution (``hapo_verl.vllm.fast_path.row_entropy``, the
-   logits processor's fast path, then ``row_temperature_factor_from_entropy``), effective temperature ``T * f``
-   in ``[T(1-tau), T(1+tau)]``. Other rows: ``T``.
+   ``f`` from the entropy of the pre-temperature distribution (``hapo_verl.sampling.fast_path.row_entropy``, the
+   logits processor's fast path, then ``factors_from_entropy`` on the request's packed parameters, i.e.
+   ``row_temperature_factor_from_entropy``), effective temperature ``T * f`` in ``[T(1-tau), T(1+tau)]``. Other
+   rows: ``T``.
 3. logits / effective temperature, then top-k, then top-p (nucleus on the tempered distribution).
 4. sample; the log-prob returned is that of the sampled token under exactly this distribution.
 
@@ -33,12 +34,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hapo_verl.algorithms.entropy import (
-    AdaptiveTemperatureRequest,
-    parse_adaptive_temperature_args,
-    row_temperature_factor_from_entropy,
-)
-from hapo_verl.vllm.fast_path import row_entropy
+from hapo_verl.sampling.fast_path import factors_from_entropy, row_entropy
+from hapo_verl.sampling.params import pack_request
+from hapo_verl.sampling.request import AdaptiveTemperatureRequest, parse_adaptive_temperature_args
 
 logger = logging.getLogger("hapo_verl.cpu")
 
@@ -143,10 +141,7 @@ def sample_next_tokens(
     for req, idx in groups.items():
         index = torch.tensor(idx, device=device)
         entropy = row_entropy(logits, rows=index)  # the logits processor's fast path (compiled CPU kernel)
-        st = req.stats
-        factor[index] = row_temperature_factor_from_entropy(
-            entropy, st.pivot, st.scale, st.pos_scale, st.neg_scale, req.tau, req.reference_compat
-        ).float()
+        factor[index] = factors_from_entropy(entropy, pack_request(req, len(idx), device=device)).float()
     eff_t = torch.where(greedy, torch.zeros_like(base_t), base_t * factor)
 
     tokens = torch.empty(rows, dtype=torch.long, device=device)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 
-logger = logging.getLogger("hapo_verl")
+from hapo_verl.cpu.names import ROLLOUT_NAME
 
-ROLLOUT_NAME = "hfcpu"
+logger = logging.getLogger("hapo_verl")
 
 _lock = threading.Lock()
 _registered = False

@@ -17,7 +17,7 @@ Sampling semantics (temperature, top-k, top-p, eos, max_tokens, greedy at temper
 temperature from ``sampling_params["extra_args"]``) are documented in :mod:`hapo_verl.cpu.generation`.
 
 Per-token temperatures. Every ``TokenOutput`` carries
-``extra_fields["hapo_token_temperatures"]`` (:data:`hapo_verl.cpu.TOKEN_TEMPERATURES_KEY`): a
+``extra_fields["hapo_token_temperatures"]`` (:data:`hapo_verl.sampling.request.TOKEN_TEMPERATURES_KEY`): a
 ``list[float]`` aligned with ``token_ids``, the effective temperature each token was sampled at (``T*f``;
 ``T`` for requests without statistics; 0.0 for greedy requests). verl 0.9.1 keeps ``extra_fields`` intact
 on the way to the trainer: ``LLMServerClient.generate`` returns the server's output, the single-turn and
@@ -45,8 +45,9 @@ import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
-from hapo_verl.cpu import ROLLOUT_NAME, TOKEN_TEMPERATURES_KEY
 from hapo_verl.cpu.generation import BatchGenerator, GenerationRequest, RequestBatcher, SamplingSpec
+from hapo_verl.cpu.names import ROLLOUT_NAME
+from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY
 
 logger = logging.getLogger("hapo_verl.cpu")
 

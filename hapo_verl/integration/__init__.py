@@ -1,1 +1,3 @@
-"""Thin glue between the pure math of :mod:`hapo_verl.algorithms` and verl 0.9.1."""
+"""Generic verl glue, written once for every registered algorithm: the loss entry points and the worker-side loss
+(``loss``), the estimator adapter (``estimator``). They read :mod:`hapo_verl.registry`; none names an algorithm.
+May import verl, torch and hapo_verl's registry, algorithms and config; never vLLM, the CLI or the trainer."""

@@ -128,7 +128,8 @@ def resolved_config(recipe: str, overrides: list[str], recipes_dir):
 
     from omegaconf import OmegaConf
 
-    from hapo_verl.tools.recipes import compose_recipe, validate
+    from hapo_verl.launcher import validate
+    from hapo_verl.tools.recipes import compose_recipe
 
     config = compose_recipe(recipe, overrides, recipes_dir)
     with contextlib.redirect_stdout(sys.stderr):

@@ -1,11 +1,11 @@
 """The Hydra recipes in ``recipes/``: where they are, their names, composing and validating one.
 
-A recipe is ``recipes/<name>.yaml`` composed on our ``hapo``/``dapo`` configs with the groups
-``recipes/common`` and ``recipes/model``. Hydra refuses ``hydra.searchpath`` in any config but the primary one, and
-``hapo_verl/conf/{hapo,dapo}.yaml`` carry theirs (they are primary configs of ``python -m hapo_verl.main``), so
-recipes name them ``hapo_base``/``dapo_base``: the same files, read from the installed package without their
-``hydra`` block and registered in Hydra's ConfigStore by :func:`register_base_configs` (done by ``hapo-verl
-train`` and by :func:`compose_recipe`). The recipes' own search path adds ``pkg://verl.trainer.config`` for
+A recipe is ``recipes/<name>.yaml`` composed on one of our configs (``hapo_verl/conf/<config>.yaml``) with the
+groups ``recipes/common`` and ``recipes/model``. Hydra refuses ``hydra.searchpath`` in any config but the primary
+one, and the package configs carry theirs (they are primary configs of ``python -m hapo_verl.main``), so recipes
+name them ``<config>_base`` (``hapo_base``, ``dapo_base``, ...): the same files, read from the installed package
+without their ``hydra`` block and registered in Hydra's ConfigStore by :func:`register_base_configs` (done by
+``hapo-verl train`` and by :func:`compose_recipe`), together with the group they share (``base/common``). The recipes' own search path adds ``pkg://verl.trainer.config`` for
 ``ppo_trainer``. The directory is found, in order, from ``--recipes-dir``, ``$HAPO_VERL_RECIPES``,
 ``./recipes`` (e.g. the working directory of a Ray job) and the source checkout next to the package.
 """
@@ -16,23 +16,33 @@ import os
 from pathlib import Path
 
 RECIPES_ENV = "HAPO_VERL_RECIPES"
-BASE_CONFIGS = ("hapo", "dapo")
+#: the group of hapo_verl/conf shared by every algorithm config
+SHARED_GROUP = "base"
 #: experiment files are <model>_<variant>.yaml; the groups live in these sub-directories
 GROUP_DIRS = ("common", "model")
 
 
 def register_base_configs() -> None:
-    """Store hapo_verl/conf/{hapo,dapo}.yaml, minus ``hydra``, as ``hapo_base``/``dapo_base`` (idempotent)."""
+    """Store every hapo_verl/conf/<config>.yaml, minus ``hydra``, as ``<config>_base``, and the shared groups of
+    hapo_verl/conf/<group>/ under their names (idempotent)."""
     from importlib import resources
 
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
-    for name in BASE_CONFIGS:
-        node = OmegaConf.create(resources.files("hapo_verl.conf").joinpath(f"{name}.yaml").read_text())
-        node.pop("hydra", None)
-        store.store(name=f"{name}_base", node=node, provider="hapo_verl")
+    root = resources.files("hapo_verl.conf")
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml") and entry.is_file():
+            node = OmegaConf.create(entry.read_text())
+            node.pop("hydra", None)
+            store.store(name=f"{entry.name[:-5]}_base", node=node, provider="hapo_verl")
+    group_dir = root.joinpath(SHARED_GROUP)
+    for entry in group_dir.iterdir():
+        if entry.name.endswith(".yaml"):
+            # the file's "# @package _global_" header is a comment the node does not keep: say it here
+            store.store(group=SHARED_GROUP, name=entry.name[:-5], node=OmegaConf.create(entry.read_text()),
+                        package="_global_", provider="hapo_verl")
 
 
 def recipes_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -77,20 +87,3 @@ def compose_recipe(name: str, overrides: list[str] | tuple[str, ...] = (), direc
     register_base_configs()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
-
-
-def validate(config) -> None:
-    """What the launcher checks at start-up: hapo_verl.main.prepare_config + verl's validate_config."""
-    from verl.trainer.main_ppo import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
-
-    from hapo_verl.main import prepare_config
-    from hapo_verl.registration import ensure_registered
-
-    ensure_registered()
-    prepare_config(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
-
-
-def is_cpu_recipe(config) -> bool:
-    return config.actor_rollout_ref.rollout.get("name") == "hfcpu" or config.trainer.get("device") == "cpu"

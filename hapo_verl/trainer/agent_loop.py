@@ -1,7 +1,7 @@
 """Agent loop that adds the previous step's entropy statistics to each generation request.
 
 The trainer attaches ``hapo_sampling_args`` (flat ``hapo_*`` floats, see
-:func:`hapo_verl.algorithms.entropy.parse_adaptive_temperature_args`) to training batches; verl passes batch
+:func:`hapo_verl.sampling.request.parse_adaptive_temperature_args`) to training batches; verl passes batch
 fields to the agent loop as keyword arguments. They go into the request's ``sampling_params["extra_args"]``,
 where the vLLM logits processor or the CPU rollout read them. Validation batches never carry them.
 """

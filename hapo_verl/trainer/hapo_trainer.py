@@ -1,89 +1,162 @@
-"""HAPO on verl 0.9.1's default v1 trainer (``PPOTrainerSync``), through subclassing and verl's hooks.
+"""The one trainer: verl 0.9.1's default v1 trainer (``PPOTrainerSync``) plus what the registered algorithms ask
+for, through subclassing and verl's hooks. Nothing here names an algorithm; it reads the specs of the configured
+``adv_estimator`` and ``loss_mode`` (:mod:`hapo_verl.registry`).
 
 One step, in verl's order, with what this class adds:
 
-1. ``_next_train_batch``: attach the previous step's entropy statistics + tau to the training batch
-   (``hapo_sampling_args``; read by :class:`~hapo_verl.trainer.agent_loop.HAPOSingleTurnAgentLoop`). Also
-   covers DAPO refill batches. None at step 1 (and after a resume without saved statistics); never in
-   validation, whose batches are built elsewhere.
-2. ``_compute_old_log_prob``: verl computes old log-probs and the old-policy entropy; we compute the entropy
-   statistics once over all valid tokens of the global batch, log ĥ and rollout-temperature metrics.
-3. ``_compute_advantage``: the ``hapo`` estimator runs through verl's registry, with the old-policy entropy
-   made available to it (:func:`hapo_verl.integration.estimator.entropy_for_estimator`).
-4. ``_update_actor``: the batch statistics travel to the actor workers in the batch meta; the HAPO loss is
-   installed in the workers at start-up with ``set_loss_fn``.
-5. ``_save_checkpoint`` / ``_load_checkpoint``: the statistics are saved with verl's checkpoint and restored.
+1. ``_next_train_batch``: with adaptive temperature on, attach the previous step's entropy statistics + τ to the
+   training batch (``hapo_sampling_args``, read by the agent loop). None at step 1 (and after a resume without saved
+   statistics); never in validation.
+2. ``_compute_old_log_prob``: verl computes old log-probs and the old-policy entropy. If a spec needs them on the
+   driver, read them once for the whole batch (:func:`fetch_old_policy`) and run the specs' batch statistics.
+3. ``_compute_advantage``: the estimator runs through verl's registry with what its spec needs made available
+   (:func:`hapo_verl.integration.estimator.estimator_inputs`); its metrics are logged.
+4. ``_update_actor``: the loss's batch statistics travel to the workers in the batch meta; the loss itself was
+   installed in the workers at start-up with ``set_loss_fn`` (:func:`registered_ppo_loss`).
+5. ``_save_checkpoint`` / ``_load_checkpoint``: the rollout's entropy statistics are saved and restored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from hapo_verl.algorithms.entropy import (
-    AdaptiveTemperatureRequest,
-    EntropyStats,
-    compute_entropy_stats,
-    entropy_score,
-    row_temperature_factor_from_entropy,
-)
+from hapo_verl import registry
+from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor_from_entropy
+from hapo_verl.integration import estimator as estimator_glue
+from hapo_verl.integration.loss import BATCH_STATS_FIELD, registered_ppo_loss
+from hapo_verl.integration.options import active_estimator_spec, active_loss_spec, estimator_options, loss_options
+from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY, AdaptiveTemperatureRequest
 from hapo_verl.trainer.agent_loop import SAMPLING_ARGS_FIELD
-from hapo_verl.trainer.ppo_loss import STATS_FIELD, hapo_ppo_loss
 
 logger = logging.getLogger("hapo_verl")
 
 STATE_FILE = "hapo_state.json"
-TOKEN_TEMPERATURES_KEY = "hapo_token_temperatures"
-
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
-
-from hapo_verl.trainer.baselines import BaselinesTrainerMixin  # noqa: E402  (HAEPO, forking, Archer, EDGE-GRPO)
+OLD_POLICY_FIELDS = ("old_log_probs", "entropy", "response_mask")
 
 
-class HAPOSettings:
-    """The trainer-level HAPO options (``hapo.*`` of our config), validated."""
-
-    KEYS = {"reference_compat", "adaptive_temperature", "temperature_tau"}
-
-    def __init__(self, config):
-        from hapo_verl.algorithms.entropy import validate_tau
-        from hapo_verl.config import check_unknown_keys
-
-        options = dict(config.get("hapo", None) or {})
-        check_unknown_keys("hapo", options, self.KEYS)
-        self.reference_compat = bool(options.get("reference_compat", False))
-        self.adaptive_temperature = bool(options.get("adaptive_temperature", False))
-        self.temperature_tau = float(options.get("temperature_tau", 0.0))
-        validate_tau(self.temperature_tau, key="hapo.temperature_tau")
-        policy_loss = config.actor_rollout_ref.actor.policy_loss
-        self.loss_active = policy_loss.get("loss_mode", "vanilla") == "hapo"
-        self.entropy_pivot = float(policy_loss.get("entropy_pivot", 0.8)) if self.loss_active else 0.8
-        self.estimator_active = config.algorithm.adv_estimator == "hapo"
-        self.active = self.loss_active or self.adaptive_temperature or self.estimator_active
+def sampling_spec() -> registry.AlgorithmSpec:
+    """The spec whose batch statistics adaptive temperature sends to the rollout."""
+    found = [s for s in registry.specs() if s.rollout_entropy_stats and s.sampling_options is not None]
+    if len(found) != 1:
+        raise RuntimeError(f"exactly one algorithm must provide the rollout's entropy statistics, found {found}")
+    return found[0]
 
 
-class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
+@dataclass
+class StepPlan:
+    """What the trainer does for the configured algorithms, read once from verl's config and validated."""
+
+    loss_spec: registry.AlgorithmSpec | None
+    loss_options: object
+    estimator_spec: registry.AlgorithmSpec | None
+    estimator_options: object
+    sampling_spec: registry.AlgorithmSpec
+    sampling: object  # the sampling spec's sampling_options: reference_compat, adaptive_temperature, temperature_tau
+
+    @classmethod
+    def from_config(cls, config) -> "StepPlan":
+        actor = config.actor_rollout_ref.actor
+        loss_spec = active_loss_spec(actor)
+        estimator_spec = active_estimator_spec(config.algorithm)
+        sampler = sampling_spec()
+        plan = cls(
+            loss_spec=loss_spec,
+            loss_options=None if loss_spec is None else loss_options(loss_spec, actor.policy_loss),
+            estimator_spec=estimator_spec,
+            estimator_options=None if estimator_spec is None else estimator_options(estimator_spec, config.algorithm),
+            sampling_spec=sampler,
+            sampling=registry.load_options(sampler.sampling_options, config.get(sampler.name, None), sampler.name),
+        )
+        plan.validate(config)
+        return plan
+
+    def validate(self, config) -> None:
+        for spec in {s.name: s for s in (self.loss_spec, self.estimator_spec) if s is not None}.values():
+            if spec.loss_requires_estimator and not (self.loss_spec is spec and self.estimator_spec is spec):
+                raise ValueError(
+                    f"{spec.title} needs both actor_rollout_ref.actor.policy_loss.loss_mode={spec.name} and "
+                    f"algorithm.adv_estimator={spec.name} (the estimator computes what the loss uses); got "
+                    f"loss_mode={config.actor_rollout_ref.actor.policy_loss.get('loss_mode')!r}, "
+                    f"adv_estimator={config.algorithm.adv_estimator!r}")
+
+    @property
+    def loss_needs(self) -> frozenset:
+        return frozenset() if self.loss_spec is None else self.loss_spec.needs_of_loss(self.loss_options)
+
+    @property
+    def estimator_needs(self) -> frozenset:
+        return frozenset() if self.estimator_spec is None else \
+            self.estimator_spec.needs_of_estimator(self.estimator_options)
+
+    @property
+    def adaptive_temperature(self) -> bool:
+        return bool(self.sampling.adaptive_temperature)
+
+    def batch_stats_hooks(self) -> list[tuple[registry.AlgorithmSpec, object]]:
+        """(spec, options) of every batch-statistics hook to run this step, each once."""
+        hooks: dict[str, tuple] = {}
+        if self.loss_spec is not None and registry.BATCH_STATS in self.loss_needs:
+            hooks[self.loss_spec.name] = (self.loss_spec, self.loss_options)
+        if self.estimator_spec is not None and registry.BATCH_STATS in self.estimator_needs:
+            options = self.loss_options if self.loss_spec is self.estimator_spec else \
+                self.estimator_spec.loss_options()
+            hooks.setdefault(self.estimator_spec.name, (self.estimator_spec, options))
+        if self.adaptive_temperature:
+            spec = self.sampling_spec
+            options = self.loss_options if self.loss_spec is spec else spec.loss_options()
+            hooks.setdefault(spec.name, (spec, options))
+        return list(hooks.values())
+
+    @property
+    def needs_old_policy(self) -> bool:
+        driver = self.estimator_needs & {registry.OLD_LOG_PROB, registry.OLD_ENTROPY}
+        return bool(driver or self.batch_stats_hooks())
+
+
+def fetch_old_policy(batch) -> dict[str, torch.Tensor]:
+    """The padded ``old_log_probs``, ``entropy`` and ``response_mask`` of the whole batch from TransferQueue."""
+    import transfer_queue as tq
+
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(OLD_POLICY_FIELDS))
+    if "entropy" not in data.keys() or "old_log_probs" not in data.keys():
+        raise RuntimeError(
+            "the configured loss/estimator needs the old-policy log-probs and entropy that verl computes in its "
+            "old-log-prob step, but the batch has none: algorithm.rollout_correction.bypass_mode=true skips that "
+            "step. Disable bypass_mode.")
+    padded = data.to_padded_tensor()
+    return {"old_log_probs": padded["old_log_probs"].float(), "entropy": padded["entropy"].float(),
+            "response_mask": padded["response_mask"].bool()}
+
+
+class HAPOTrainerSync(PPOTrainerSync):
+    """verl's ``PPOTrainerSync`` for every registered algorithm (the module docstring lists what it adds)."""
+
     def __init__(self, config):
         super().__init__(config)
-        self.hapo = HAPOSettings(config)
-        #: statistics of the current step's batch (loss) and of the previous step (next rollout)
-        self.hapo_step_stats: EntropyStats | None = None
+        self.plan = StepPlan.from_config(config)
+        #: batch statistics of the current step, by spec name (sent to the workers, handed to the estimator)
+        self.batch_stats: dict[str, dict] = {}
+        #: entropy statistics the next rollout samples with (adaptive temperature), restored from checkpoints
         self.hapo_rollout_stats: EntropyStats | None = None
-        self.hapo_requests_with_stats = 0
+        self._old_policy: dict | None = None
 
     # ---------------------------------------------------------------- start-up: the loss in every worker
     def on_init_end(self):
-        if self.hapo.loss_active:
+        if self.plan.loss_spec is not None:
             from verl.utils.config import omega_conf_to_dataclass
 
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-            self.actor_rollout_wg.set_loss_fn(partial(hapo_ppo_loss, config=actor_config))
-            logger.info("hapo-verl: HAPO loss installed in the actor workers")
+            self.actor_rollout_wg.set_loss_fn(partial(registered_ppo_loss, config=actor_config))
+            logger.info("hapo-verl: %s loss installed in the actor workers", self.plan.loss_spec.title)
         super().on_init_end()
 
     # ---------------------------------------------------------------- 1. statistics into the requests
@@ -91,50 +164,31 @@ class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
         from verl.utils import tensordict_utils as tu
 
         batch = super()._next_train_batch(num_prompts)
-        if self.hapo.adaptive_temperature and self.hapo_rollout_stats is not None:
-            request = AdaptiveTemperatureRequest(self.hapo_rollout_stats, self.hapo.temperature_tau,
-                                                 self.hapo.reference_compat)
+        if self.plan.adaptive_temperature and self.hapo_rollout_stats is not None:
+            request = AdaptiveTemperatureRequest(self.hapo_rollout_stats, self.plan.sampling.temperature_tau,
+                                                 self.plan.sampling.reference_compat)
             tu.assign_non_tensor_data(batch, SAMPLING_ARGS_FIELD, request.to_extra_args())
-            self.hapo_requests_with_stats += len(batch)
         return batch
 
-    # ---------------------------------------------------------------- 2. batch statistics
+    # ---------------------------------------------------------------- 2. old policy, batch statistics
     def _compute_old_log_prob(self, batch, metrics: dict):
-        import transfer_queue as tq
-
         batch = super()._compute_old_log_prob(batch, metrics)
-        if not self.hapo.active:
+        self.batch_stats = {}
+        if not self.plan.needs_old_policy:
             return batch
-        fields = ["entropy", "response_mask"]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        if "entropy" not in data.keys():
-            raise RuntimeError(
-                "HAPO needs the old-policy entropy that verl computes in its old-log-prob step, but the batch has "
-                "none: algorithm.rollout_correction.bypass_mode=true skips that step. Disable bypass_mode."
-            )
-        padded = data.to_padded_tensor()
-        entropy, mask = padded["entropy"].float(), padded["response_mask"].bool()
-        sent_stats = self.hapo_rollout_stats  # what this step's requests carried (None at step 1)
-        stats = compute_entropy_stats(entropy, mask, self.hapo.entropy_pivot)
-        self.hapo_step_stats = stats
-        self.hapo_rollout_stats = stats  # used by the next step's generation requests
-        self._hapo_entropy = (entropy, mask)
-        metrics.update(self._entropy_metrics(entropy, mask, stats))
-        metrics.update(self._rollout_temperature_metrics(batch, entropy, mask, sent_stats))
+        old = fetch_old_policy(batch)
+        self._old_policy = old
+        view = registry.OldPolicyBatch(response_mask=old["response_mask"], entropy=old["entropy"],
+                                       old_log_prob=old["old_log_probs"])
+        for spec, options in self.plan.batch_stats_hooks():
+            stats, hook_metrics = spec.batch_stats(view, options)
+            self.batch_stats[spec.name] = stats
+            metrics.update(hook_metrics)
+        if self.plan.adaptive_temperature:
+            sent_stats = self.hapo_rollout_stats  # what this step's requests carried (None at step 1)
+            self.hapo_rollout_stats = EntropyStats.from_dict(self.batch_stats[self.plan.sampling_spec.name])
+            metrics.update(self._rollout_temperature_metrics(batch, old["entropy"], old["response_mask"], sent_stats))
         return batch
-
-    def _entropy_metrics(self, entropy, mask, stats: EntropyStats) -> dict:
-        h_hat = entropy_score(entropy, stats, reference_compat=self.hapo.reference_compat,
-                              clamp=not self.hapo.reference_compat)[mask]
-        out = {"hapo/stats/pivot": stats.pivot, "hapo/stats/scale": stats.scale,
-               "hapo/stats/pos_scale": stats.pos_scale, "hapo/stats/neg_scale": stats.neg_scale,
-               "hapo/stats/num_tokens": stats.num_tokens}
-        if h_hat.numel():
-            q = torch.quantile(h_hat.float()[: 1 << 24], torch.tensor([0.1, 0.5, 0.9]))
-            out.update({"hapo/h_hat/mean": h_hat.mean().item(), "hapo/h_hat/p10": q[0].item(),
-                        "hapo/h_hat/p50": q[1].item(), "hapo/h_hat/p90": q[2].item(),
-                        "hapo/h_hat/positive_frac": (h_hat > 0).float().mean().item()})
-        return out
 
     def _rollout_temperature_metrics(self, batch, entropy=None, mask=None, sent_stats=None) -> dict:
         """Effective per-token sampling temperatures of this step's rollout.
@@ -161,13 +215,13 @@ class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
             t = np.asarray(values, dtype=np.float64)
             out.update({"hapo/rollout/temperature_min": float(t.min()), "hapo/rollout/temperature_mean": float(t.mean()),
                         "hapo/rollout/temperature_max": float(t.max())})
-        if not (self.hapo.adaptive_temperature and sent and sent_stats is not None and entropy is not None):
+        if not (sent and sent_stats is not None and entropy is not None):
             return out
         temperature = float(self.config.actor_rollout_ref.rollout.temperature)
         st = sent_stats
         est = temperature * row_temperature_factor_from_entropy(
-            entropy, st.pivot, st.scale, st.pos_scale, st.neg_scale, self.hapo.temperature_tau,
-            self.hapo.reference_compat).double()
+            entropy, st.pivot, st.scale, st.pos_scale, st.neg_scale, self.plan.sampling.temperature_tau,
+            self.plan.sampling.reference_compat).double()
         valid = est[mask]
         if valid.numel():
             out.update({"hapo/rollout/temperature_est_min": valid.min().item(),
@@ -179,25 +233,29 @@ class HAPOTrainerSync(BaselinesTrainerMixin, PPOTrainerSync):
             out["hapo/rollout/temperature_est_max_abs_err"] = (valid - exact).abs().max().item()
         return out
 
-    # ---------------------------------------------------------------- 3. estimator with entropy
+    # ---------------------------------------------------------------- 3. estimator with what it needs
     def _compute_advantage(self, batch, metrics: dict):
-        from hapo_verl.integration.estimator import LAST_CALL, entropy_for_estimator
-
-        if not self.hapo.estimator_active:
+        spec = self.plan.estimator_spec
+        if spec is None:
             return super()._compute_advantage(batch, metrics)
-        entropy = getattr(self, "_hapo_entropy", (None, None))[0]
-        LAST_CALL.clear()
-        with entropy_for_estimator(entropy):
+        old = self._old_policy or {}
+        estimator_glue.LAST_METRICS.clear()
+        with estimator_glue.estimator_inputs(old_log_prob=old.get("old_log_probs"), entropy=old.get("entropy"),
+                                             batch_stats=self.batch_stats.get(spec.name)):
             batch = super()._compute_advantage(batch, metrics)
-        metrics["hapo/estimator/received_entropy"] = float(LAST_CALL.get("entropy_shape") is not None)
+        for key, value in estimator_glue.LAST_METRICS.items():
+            if isinstance(value, float) and math.isfinite(value):
+                metrics[key] = value
+        self._old_policy = None
         return batch
 
-    # ---------------------------------------------------------------- 4. statistics to the actor workers
+    # ---------------------------------------------------------------- 4. batch statistics to the workers
     def _update_actor(self, batch, metrics: dict):
-        if self.hapo.loss_active and not self.hapo.reference_compat:
-            if self.hapo_step_stats is None:
-                raise RuntimeError("HAPO loss: no entropy statistics were computed for this step")
-            batch.extra_info[STATS_FIELD] = self.hapo_step_stats.to_dict()
+        spec = self.plan.loss_spec
+        if spec is not None and registry.BATCH_STATS in self.plan.loss_needs:
+            if spec.name not in self.batch_stats:
+                raise RuntimeError(f"loss_mode={spec.name}: no batch statistics were computed for this step")
+            batch.extra_info[BATCH_STATS_FIELD] = {spec.name: self.batch_stats[spec.name]}
         return super()._update_actor(batch, metrics)
 
     # ---------------------------------------------------------------- 5. checkpoints

@@ -1,9 +1,9 @@
 """HAPO Adaptive Temperature Sampling for vLLM, as a logits processor (no vLLM patch).
 
-Light on purpose: importing this package imports neither vLLM nor torch. The processor classes live in
-``hapo_verl.vllm.processors`` (which imports vLLM and is imported by vLLM itself, through the name given to
-``--logits-processors`` / ``LLM(logits_processors=[...])``); the pure-torch fused path is
-``hapo_verl.vllm.fast_path``; the optional Triton kernel is ``hapo_verl.vllm.triton_kernel``.
+This room holds the vLLM processors (``processors``: the one module of the package that imports vLLM, imported by
+vLLM itself through the name given to ``--logits-processors`` / ``LLM(logits_processors=[...])``) and this light
+helper that names them. It may import vLLM and ``hapo_verl.sampling`` (the request protocol, the fused fast path
+and its kernels); importing this package itself imports neither vLLM nor torch.
 
     from hapo_verl.vllm import processor_fqcn
     engine_kwargs["logits_processors"] = [processor_fqcn()]          # e.g. "hapo_verl.vllm.processors:..."

@@ -11,9 +11,9 @@ Which class to name (``hapo_verl.vllm.processor_fqcn()`` picks it):
   V1 or V2 depending on how the runner constructs it (the runner is chosen at engine start: V2 by default on
   CUDA, V1 on CPU / without Triton / with VLLM_USE_V2_MODEL_RUNNER=0); on 0.24.0 it is the V1 class.
 
-Per request, the flat ``hapo_*`` keys of ``SamplingParams.extra_args`` (``AdaptiveTemperatureRequest``) give the
-statistics, tau and the mode. Rows without them, greedy rows (T < 1e-5) and warm-up/dummy requests are untouched.
-See docs/vllm_logits_processor.md.
+Per request, the flat ``hapo_*`` keys of ``SamplingParams.extra_args`` (``hapo_verl.sampling.request``) give the
+statistics, tau and the mode; the scaling itself is ``hapo_verl.sampling.fast_path``. Rows without them, greedy
+rows (T < 1e-5) and warm-up/dummy requests are untouched. See docs/vllm_logits_processor.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate
 from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from hapo_verl.algorithms.entropy import REQUEST_KEYS, parse_adaptive_temperature_args
-from hapo_verl.vllm.fast_path import NUM_PARAMS, apply_packed_, prepare_backend
+from hapo_verl.sampling.fast_path import apply_packed_, prepare_backend
+from hapo_verl.sampling.params import COL, DISABLED_ROW, NUM_PARAMS, request_row
+from hapo_verl.sampling.request import has_adaptive_temperature_args, parse_adaptive_temperature_args
 
 try:  # Model Runner V2 custom-logits-processor interface: absent in vLLM 0.24.0
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
@@ -54,13 +55,14 @@ def validate_sampling_params(sampling_params: SamplingParams) -> None:
 
 
 def request_row_params(sampling_params: SamplingParams, input_scale_is_temperature: bool) -> tuple | None:
-    """The packed parameter row of a request, or None when the processor must leave it untouched.
+    """The packed parameter row of a request (``hapo_verl.sampling.params.request_row``), or None when the processor
+    must leave it untouched.
 
     None for: greedy requests, requests without ``hapo_*`` keys (validation, warm-up, dummy, other users), and
     (logged, never raised inside the engine) requests whose keys are invalid.
     """
     extra = sampling_params.extra_args
-    if not extra or not any(k in extra for k in REQUEST_KEYS):
+    if not has_adaptive_temperature_args(extra):
         return None
     temperature = float(sampling_params.temperature)
     if temperature < SAMPLING_EPS:
@@ -72,9 +74,7 @@ def request_row_params(sampling_params: SamplingParams, input_scale_is_temperatu
         return None
     if req is None or req.tau == 0.0:
         return None
-    st = req.stats
-    return (1.0, temperature if input_scale_is_temperature else 1.0, st.pivot, st.scale, st.pos_scale,
-            st.neg_scale, req.tau, 1.0 if req.reference_compat else 0.0)
+    return request_row(req, input_scale=temperature if input_scale_is_temperature else 1.0)
 
 
 class _FactorRecorder:
@@ -197,7 +197,7 @@ if HAS_V2_INTERFACE:
         def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
             row = request_row_params(sampling_params, input_scale_is_temperature=False)
             self.enabled[req_idx] = row is not None
-            self.table_cpu[req_idx] = torch.tensor(row if row is not None else (0.0,) * NUM_PARAMS)
+            self.table_cpu[req_idx] = torch.tensor(row if row is not None else DISABLED_ROW)
             self._dirty = True
             return row is not None
 
@@ -210,9 +210,9 @@ if HAS_V2_INTERFACE:
             if not self.enabled[ctx.idx_mapping_np].any():
                 return logits
             slots = ctx.expanded_idx_mapping.to(self.table.device)
-            params = self.table.index_select(0, slots)  # [rows, 8]; disabled slots have enabled = 0
+            params = self.table.index_select(0, slots)  # [rows, NUM_PARAMS]; disabled slots have enabled = 0
             factors = apply_packed_(logits, params)
-            self._record(factors, None, params[:, 0] > 0)
+            self._record(factors, None, params[:, COL["enabled"]] > 0)
             return logits
 
     class HapoAdaptiveTemperature(HapoAdaptiveTemperatureV1, HapoAdaptiveTemperatureV2):

@@ -8,17 +8,17 @@ Importable without vLLM or a compiler (nothing is built at import). Per selected
     x_r     <- x_r * (1 / f_r)                             in place; a later division by T gives T * f_r
 
 Three backends, same math:
-- ``cpu_kernel`` (``hapo_verl.vllm.cpu_kernel``; the default on CPU when it builds): a small C kernel compiled on
+- ``cpu_kernel`` (``hapo_verl.sampling.cpu_kernel``; the default on CPU when it builds): a small C kernel compiled on
   first use; per row a max pass, one fused exp2/sum/dot pass, the factor and the in-place scaling, the row
   staying in L2 after its first read; rows split over torch's thread count; no temporaries. Falls back to
   ``torch`` (reason logged once) where there is no C compiler.
 - ``torch``: per chunk of rows, one amax pass, one "x - m" pass into a scratch buffer, one exp pass into a second
   scratch buffer, a sum and a dot product per row (BLAS), then one in-place scaling. Scratch memory is bounded by ``chunk_rows``
   rows (two [chunk_rows, vocab] fp32 buffers), never a full [rows, vocab] copy.
-- ``triton`` (``hapo_verl.vllm.triton_kernel``, imported lazily; GPU, or CPU tensors under TRITON_INTERPRET=1):
+- ``triton`` (``hapo_verl.sampling.triton_kernel``, imported lazily; GPU, or CPU tensors under TRITON_INTERPRET=1):
   one program per row, an online max / sum-exp / expectation pass and an in-place scale pass; no temporaries.
 
-Per-row parameters are packed in a float32 [rows, 8] table whose columns are ``PARAM_COLUMNS``.
+Per-row parameters are packed in a float32 [rows, 8] table laid out by :mod:`hapo_verl.sampling.params`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,7 @@ import os
 import torch
 
 from hapo_verl.algorithms.entropy import row_temperature_factor_from_entropy
-
-#: columns of the packed per-row parameter table
-PARAM_COLUMNS = ("enabled", "input_scale", "pivot", "scale", "pos_scale", "neg_scale", "tau", "reference_compat")
-NUM_PARAMS = len(PARAM_COLUMNS)
-COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
+from hapo_verl.sampling.params import COL, NUM_PARAMS, pack_params
 
 #: rows processed together by the torch backend (bounds its two scratch buffers to 2 x chunk_rows x vocab fp32)
 DEFAULT_CHUNK_ROWS = 4
@@ -43,34 +39,11 @@ BACKENDS = ("auto", "torch", "triton", "cpu_kernel")
 _TRITON_STATE: dict = {}
 
 
-def pack_params(
-    pivot,
-    scale,
-    pos_scale,
-    neg_scale,
-    tau,
-    reference_compat=False,
-    input_scale=1.0,
-    enabled=True,
-    rows: int | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Build the float32 [rows, 8] parameter table from scalars or [rows] sequences/tensors."""
-    cols = (enabled, input_scale, pivot, scale, pos_scale, neg_scale, tau, reference_compat)
-    tensors = [torch.as_tensor(c, dtype=torch.float32) for c in cols]
-    if rows is None:
-        rows = max((t.numel() for t in tensors if t.dim() > 0), default=1)
-    table = torch.empty((rows, NUM_PARAMS), dtype=torch.float32)
-    for j, t in enumerate(tensors):
-        table[:, j] = t.reshape(-1) if t.dim() > 0 else t
-    return table.to(device) if device is not None else table
-
-
 def triton_available() -> bool:
     """True if the Triton kernel can be imported (Triton installed). Cached."""
     if "ok" not in _TRITON_STATE:
         try:
-            from hapo_verl.vllm import triton_kernel  # noqa: F401
+            from hapo_verl.sampling import triton_kernel  # noqa: F401
 
             _TRITON_STATE["ok"] = True
         except Exception as exc:  # ImportError, or a Triton that fails to initialise
@@ -91,7 +64,7 @@ def choose_backend(logits: torch.Tensor, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu_kernel":
-        from hapo_verl.vllm import cpu_kernel
+        from hapo_verl.sampling import cpu_kernel
 
         if not cpu_kernel.supports(logits):
             raise ValueError("backend 'cpu_kernel' needs fp32 CPU logits with contiguous rows, got "
@@ -101,7 +74,7 @@ def choose_backend(logits: torch.Tensor, backend: str = "auto") -> str:
     if logits.device.type == "cuda" and os.environ.get(TRITON_ENV, "1") != "0" and triton_available():
         return "triton"
     if logits.device.type == "cpu":
-        from hapo_verl.vllm import cpu_kernel
+        from hapo_verl.sampling import cpu_kernel
 
         if cpu_kernel.supports(logits) and cpu_kernel.available():
             return "cpu_kernel"
@@ -124,7 +97,7 @@ def row_entropy(
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
     if choose_backend(logits, backend) == "cpu_kernel":
-        from hapo_verl.vllm import cpu_kernel
+        from hapo_verl.sampling import cpu_kernel
 
         return cpu_kernel.row_entropy(logits, rows, input_scale)
     n = logits.shape[0] if rows is None else rows.numel()
@@ -154,7 +127,7 @@ def scale_logits_by_entropy_(
     Args:
         logits: float32 [rows, vocab]; modified in place.
         pivot, scale, pos_scale, neg_scale, tau, reference_compat: per selected row ([k] tensors/sequences) or
-            scalars; validated beforehand (``parse_adaptive_temperature_args``).
+            scalars; validated beforehand (``request.parse_adaptive_temperature_args``).
         input_scale: multiplier applied to a row before measuring its entropy (the request's temperature when
             the logits were already divided by it, as in vLLM V1's argmax-invariant stage); default 1.
         rows: LongTensor [k] of row indices to process (others untouched); default all rows.
@@ -174,7 +147,7 @@ def apply_packed_(
     backend: str = "auto",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
-    """Core of ``scale_logits_by_entropy_`` with a packed [k, 8] table (row i of it belongs to ``rows[i]``, or to
+    """Core of ``scale_logits_by_entropy_`` with a packed [k, 8] table (``params.pack_params``) (row i of it belongs to ``rows[i]``, or to
     logits row i when ``rows`` is None). Rows whose ``enabled`` column is 0 are left untouched (f = 1)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
@@ -187,11 +160,11 @@ def apply_packed_(
         return torch.ones(0, dtype=torch.float32, device=logits.device)
     chosen = choose_backend(logits, backend)
     if chosen == "triton":
-        from hapo_verl.vllm.triton_kernel import adaptive_temperature_
+        from hapo_verl.sampling.triton_kernel import adaptive_temperature_
 
         return adaptive_temperature_(logits, params, rows)
     if chosen == "cpu_kernel":
-        from hapo_verl.vllm.cpu_kernel import adaptive_temperature_
+        from hapo_verl.sampling.cpu_kernel import adaptive_temperature_
 
         return adaptive_temperature_(logits, params, rows)
     return _apply_packed_torch_(logits, params, rows, chunk_rows)

@@ -15,10 +15,11 @@ from hapo_verl.algorithms.entropy import (
     row_temperature_factor_from_entropy,
     token_entropy_from_logits,
 )
-from hapo_verl.vllm import fast_path as fp
+from hapo_verl.sampling import fast_path as fp
+from hapo_verl.sampling.params import NUM_PARAMS, pack_params
 
 STATS = EntropyStats(pivot=0.5, scale=1.2, pos_scale=0.7, neg_scale=0.4)
-#: the CPU backends; "cpu_kernel" needs a C compiler (tests/test_vllm_cpu_kernel_on_cpu.py covers it in depth)
+#: the CPU backends; "cpu_kernel" needs a C compiler (tests/test_sampling_cpu_kernel_on_cpu.py covers it in depth)
 CPU_BACKENDS = ["torch", pytest.param("cpu_kernel", marks=pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: torch path only"))]
 
@@ -115,7 +116,7 @@ def test_per_row_parameters_rows_subset_and_disabled_rows(backend):
     for r in (1, 3):  # not selected: untouched, bit for bit
         assert torch.equal(y[r], x[r])
     # the packed form with a disabled row: f = 1 and the row is untouched
-    params = fp.pack_params(pivot, scale, pos, neg, tau, compat, temp, enabled=torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    params = pack_params(pivot, scale, pos, neg, tau, compat, temp, enabled=torch.tensor([1.0, 0.0, 1.0, 0.0]))
     z = x.clone()
     f2 = fp.apply_packed_(z, params, rows=rows, backend=backend)
     assert f2[1].item() == 1.0 and f2[3].item() == 1.0
@@ -137,25 +138,44 @@ def test_factors_from_entropy_helper_equals_scalar_function():
         assert torch.allclose(got, ref)
 
 
+def test_one_packed_layout_for_every_writer():
+    from hapo_verl.sampling import cpu_kernel
+    from hapo_verl.sampling.params import COL, DISABLED_ROW, PARAM_COLUMNS, layout_constants, pack_request, request_row
+    from hapo_verl.sampling.request import AdaptiveTemperatureRequest
+
+    req = AdaptiveTemperatureRequest(STATS, 0.3, reference_compat=True)
+    row = request_row(req, input_scale=0.7)
+    assert len(row) == NUM_PARAMS == len(DISABLED_ROW) and row[COL["enabled"]] == 1.0
+    assert dict(zip(PARAM_COLUMNS, row)) == {"enabled": 1.0, "input_scale": 0.7, "pivot": 0.5, "scale": 1.2,
+                                             "pos_scale": 0.7, "neg_scale": 0.4, "tau": 0.3, "reference_compat": 1.0}
+    table = pack_request(req, 3, input_scale=0.7)
+    assert table.shape == (3, NUM_PARAMS) and torch.equal(table, torch.tensor([row] * 3, dtype=torch.float32))
+    assert torch.equal(pack_params(0.5, 1.2, 0.7, 0.4, 0.3, True, 0.7, rows=3), table)
+    assert layout_constants() == {f"C_{name.upper()}": i for i, name in enumerate(PARAM_COLUMNS)}
+    assert f"-DHAPO_NUM_PARAMS={NUM_PARAMS}" in cpu_kernel.LAYOUT_DEFINES
+    assert "-DHAPO_C_REFERENCE_COMPAT=%d" % COL["reference_compat"] in cpu_kernel.LAYOUT_DEFINES
+
+
 def test_apply_packed_rejects_bad_inputs():
     with pytest.raises(TypeError, match="float32"):
-        fp.apply_packed_(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, fp.NUM_PARAMS))
+        fp.apply_packed_(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, NUM_PARAMS))
     with pytest.raises(ValueError, match="params"):
-        fp.apply_packed_(torch.zeros(2, 4), torch.zeros(3, fp.NUM_PARAMS))
+        fp.apply_packed_(torch.zeros(2, 4), torch.zeros(3, NUM_PARAMS))
     with pytest.raises(ValueError, match="backend"):
-        fp.apply_packed_(torch.zeros(2, 4), torch.zeros(2, fp.NUM_PARAMS), backend="cuda")
+        fp.apply_packed_(torch.zeros(2, 4), torch.zeros(2, NUM_PARAMS), backend="cuda")
     assert fp.choose_backend(torch.zeros(1, 1)) != "triton"  # CPU tensors never pick Triton automatically
 
 
-def test_package_imports_do_not_import_vllm_or_triton():
+def test_package_imports_do_not_import_vllm_triton_verl_or_ray():
     code = (
         "import sys\n"
-        "import hapo_verl, hapo_verl.vllm\n"
-        "assert 'torch' not in sys.modules, 'hapo_verl.vllm must stay light'\n"
+        "import hapo_verl, hapo_verl.vllm, hapo_verl.sampling\n"
+        "assert 'torch' not in sys.modules, 'hapo_verl.vllm and hapo_verl.sampling must stay light'\n"
         "from hapo_verl.vllm import processor_fqcn\n"
         "processor_fqcn(); processor_fqcn('0.33.0')\n"
-        "import hapo_verl.vllm.fast_path\n"
-        "bad = [m for m in ('vllm', 'triton') if m in sys.modules]\n"
+        "import hapo_verl.sampling.fast_path, hapo_verl.sampling.request, hapo_verl.sampling.params\n"
+        "import hapo_verl.sampling.cpu_kernel\n"
+        "bad = [m for m in ('vllm', 'triton', 'verl', 'ray') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )

@@ -1,4 +1,4 @@
-"""The Triton kernel (hapo_verl.vllm.triton_kernel) against the torch fast path, on CPU tensors under
+"""The Triton kernel (hapo_verl.sampling.triton_kernel) against the torch fast path, on CPU tensors under
 TRITON_INTERPRET=1. scripts/install_vllm_cpu.sh installs Triton; the tests skip only if it is not importable.
 
 Triton reads TRITON_INTERPRET when it is first imported, and importing vLLM (other test files) imports Triton,
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor
-from hapo_verl.vllm import fast_path as fp
+from hapo_verl.sampling import fast_path as fp
+from hapo_verl.sampling.params import pack_params
 
 CHECKS = ("check_kernel_matches_torch_path_and_reference_small", "check_kernel_matches_torch_path_and_reference_qwen",
           "check_kernel_rows_subset_and_disabled", "check_fast_path_dispatches_to_kernel")
@@ -55,7 +56,7 @@ def _matches(kernel, vocab):
     stats = EntropyStats(pivot=0.4, scale=1.1, pos_scale=0.6, neg_scale=0.3)
     compat = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
     temp = torch.tensor([1.0, 1.0, 0.7, 1.0, 1.0, 1.6])
-    params = fp.pack_params(stats.pivot, stats.scale, stats.pos_scale, stats.neg_scale, 0.3, compat, temp,
+    params = pack_params(stats.pivot, stats.scale, stats.pos_scale, stats.neg_scale, 0.3, compat, temp,
                             rows=rows)
     y_k = x.clone()
     f_k = _run(kernel, y_k, params, block=4096 if vocab > 10_000 else 1024)
@@ -75,7 +76,7 @@ def _matches(kernel, vocab):
 def check_kernel_rows_subset_and_disabled(kernel):
     x = make_logits(6, 3001, seed=1)
     rows = torch.tensor([5, 1, 3])
-    params = fp.pack_params(0.2, 0.9, 0.5, 0.5, 0.2, 0.0, 1.0, enabled=torch.tensor([1.0, 0.0, 1.0]))
+    params = pack_params(0.2, 0.9, 0.5, 0.5, 0.2, 0.0, 1.0, enabled=torch.tensor([1.0, 0.0, 1.0]))
     y_k, y_t = x.clone(), x.clone()
     f_k = _run(kernel, y_k, params, rows)
     f_t = fp.apply_packed_(y_t, params, rows=rows, backend="torch")
@@ -104,7 +105,7 @@ def check_kernel_matches_torch_path_and_reference_qwen(kernel):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from hapo_verl.vllm import triton_kernel
+    from hapo_verl.sampling import triton_kernel
 
     name = sys.argv[1]
     globals()[name](triton_kernel)

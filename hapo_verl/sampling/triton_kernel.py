@@ -1,6 +1,6 @@
 """Triton kernel: fused row entropy + adaptive-temperature factor + in-place scale (one program per row).
 
-Imported lazily by ``hapo_verl.vllm.fast_path`` (never by ``import hapo_verl`` / ``import hapo_verl.vllm``).
+Imported lazily by ``hapo_verl.sampling.fast_path`` (never by ``import hapo_verl`` / ``import hapo_verl.sampling``).
 Runs on GPU, or on CPU tensors with ``TRITON_INTERPRET=1`` (how the tests check it).
 
 Per row: pass 1 streams the row once keeping the running max m, s = Σ exp(z - m) and t = Σ exp(z - m)(z - m)
@@ -21,9 +21,11 @@ from hapo_verl.algorithms.entropy import (
     REFERENCE_SAMPLER_LOG_FLOOR,
     REFERENCE_SAMPLER_SCALE_EPS,
 )
-from hapo_verl.vllm.fast_path import NUM_PARAMS
+from hapo_verl.sampling.params import NUM_PARAMS, layout_constants
 
 DEFAULT_BLOCK = 4096
+#: the packed parameter layout (``hapo_verl.sampling.params``) as the kernel's constexpr column indices
+LAYOUT_CONSTEXPRS = layout_constants()
 
 
 @triton.jit
@@ -38,6 +40,14 @@ def _adaptive_temperature_kernel(
     REF_LOG_FLOOR: tl.constexpr,
     REF_SCALE_EPS: tl.constexpr,
     NPARAM: tl.constexpr,
+    C_ENABLED: tl.constexpr,
+    C_INPUT_SCALE: tl.constexpr,
+    C_PIVOT: tl.constexpr,
+    C_SCALE: tl.constexpr,
+    C_POS_SCALE: tl.constexpr,
+    C_NEG_SCALE: tl.constexpr,
+    C_TAU: tl.constexpr,
+    C_REFERENCE_COMPAT: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -47,17 +57,17 @@ def _adaptive_temperature_kernel(
     else:
         row = pid.to(tl.int64)
     p = params_ptr + pid * NPARAM
-    enabled = tl.load(p + 0)
+    enabled = tl.load(p + C_ENABLED)
     if enabled == 0.0:
         tl.store(factors_ptr + pid, 1.0)
         return
-    a = tl.load(p + 1)          # input scale (entropy is of a * x)
-    pivot = tl.load(p + 2)
-    scale = tl.load(p + 3)
-    pos_scale = tl.load(p + 4)
-    neg_scale = tl.load(p + 5)
-    tau = tl.load(p + 6)
-    compat = tl.load(p + 7) != 0.0
+    a = tl.load(p + C_INPUT_SCALE)          # input scale (entropy is of a * x)
+    pivot = tl.load(p + C_PIVOT)
+    scale = tl.load(p + C_SCALE)
+    pos_scale = tl.load(p + C_POS_SCALE)
+    neg_scale = tl.load(p + C_NEG_SCALE)
+    tau = tl.load(p + C_TAU)
+    compat = tl.load(p + C_REFERENCE_COMPAT) != 0.0
     base = logits_ptr + row * stride
 
     m = float("-inf")
@@ -105,7 +115,7 @@ def adaptive_temperature_(
 ) -> torch.Tensor:
     """In place: divide ``logits[rows[i]]`` (or row i) by its factor; returns the factors [k] (fp32).
 
-    ``params`` is the packed fp32 [k, 8] table of ``hapo_verl.vllm.fast_path`` (contiguous)."""
+    ``params`` is the packed fp32 [k, 8] table of :mod:`hapo_verl.sampling.params` (contiguous)."""
     assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be a row-major [rows, vocab] tensor"
     k = logits.shape[0] if rows is None else rows.numel()
     params = params.contiguous()
@@ -117,5 +127,6 @@ def adaptive_temperature_(
         logits, logits.stride(0), rows_arg, params, factors, logits.shape[1],
         LOG_FLOOR=LOG_ENTROPY_FLOOR, REF_LOG_FLOOR=REFERENCE_SAMPLER_LOG_FLOOR,
         REF_SCALE_EPS=REFERENCE_SAMPLER_SCALE_EPS, NPARAM=NUM_PARAMS, HAS_ROWS=rows is not None, BLOCK=block,
+        **LAYOUT_CONSTEXPRS,
     )
     return factors

@@ -1,6 +1,6 @@
-/* Adaptive temperature on fp32 logits on the CPU: the compiled backend of hapo_verl/vllm/fast_path.py (built on
- * first use by hapo_verl/vllm/cpu_kernel.py with the machine's C compiler). Same per-row rule as the Triton kernel
- * (hapo_verl/vllm/triton_kernel.py): entropy -> factor f -> row *= 1/f in place.
+/* Adaptive temperature on fp32 logits on the CPU: the compiled backend of hapo_verl/sampling/fast_path.py (built
+ * on first use by hapo_verl/sampling/cpu_kernel.py with the machine's C compiler). Same per-row rule as the Triton
+ * kernel (hapo_verl/sampling/triton_kernel.py): entropy -> factor f -> row *= 1/f in place.
  *
  * Why C: the entropy needs one exp per logit, and eager torch's exp alone costs about five elementwise passes on
  * a 2-core x86 machine. Here the exp is a short base-2 polynomial fused with the sums, and each row is finished
@@ -198,8 +198,13 @@ static void row_scale(float *x, int64_t V, float r) {
     for (; i < V; i++) x[i] = x[i] * r;
 }
 
-/* Packed per-row parameters: the columns of fast_path.PARAM_COLUMNS */
-enum { C_ENABLED, C_INPUT_SCALE, C_PIVOT, C_SCALE, C_POS_SCALE, C_NEG_SCALE, C_TAU, C_REF_COMPAT, N_PARAMS };
+/* Packed per-row parameters: the layout is defined once, in hapo_verl/sampling/params.py; cpu_kernel.py passes its
+ * column indices as -DHAPO_C_<COLUMN>=i and the row length as -DHAPO_NUM_PARAMS=n. */
+#if !defined(HAPO_NUM_PARAMS) || !defined(HAPO_C_ENABLED) || !defined(HAPO_C_INPUT_SCALE) || !defined(HAPO_C_PIVOT) \
+    || !defined(HAPO_C_SCALE) || !defined(HAPO_C_POS_SCALE) || !defined(HAPO_C_NEG_SCALE) || !defined(HAPO_C_TAU) \
+    || !defined(HAPO_C_REFERENCE_COMPAT)
+#error "build through hapo_verl/sampling/cpu_kernel.py: it passes the packed parameter layout (-DHAPO_C_...)"
+#endif
 
 typedef struct {
     float log_floor, ref_log_floor, ref_scale_eps;
@@ -208,14 +213,14 @@ typedef struct {
 /* f = 1 + tau * clamp(h_hat, -1, 1), h_hat from the row's entropy H: the rule of
  * hapo_verl.algorithms.entropy.row_temperature_factor_from_entropy (signed; the fork's mode: |.|, its floors) */
 static float temperature_factor(float H, const float *p, floors_t fl) {
-    int compat = p[C_REF_COMPAT] != 0.0f;
+    int compat = p[HAPO_C_REFERENCE_COMPAT] != 0.0f;
     float floor_ = compat ? fl.ref_log_floor : fl.log_floor;
     float eps = compat ? fl.ref_scale_eps : 0.0f;
-    float h = (logf(H > floor_ ? H : floor_) - p[C_PIVOT]) / (p[C_SCALE] + eps);
-    float neg = compat ? -p[C_NEG_SCALE] : p[C_NEG_SCALE];
-    float h_hat = h > 0.0f ? h * p[C_POS_SCALE] : h * neg;
+    float h = (logf(H > floor_ ? H : floor_) - p[HAPO_C_PIVOT]) / (p[HAPO_C_SCALE] + eps);
+    float neg = compat ? -p[HAPO_C_NEG_SCALE] : p[HAPO_C_NEG_SCALE];
+    float h_hat = h > 0.0f ? h * p[HAPO_C_POS_SCALE] : h * neg;
     h_hat = h_hat < -1.0f ? -1.0f : (h_hat > 1.0f ? 1.0f : h_hat);
-    return 1.0f + p[C_TAU] * h_hat;
+    return 1.0f + p[HAPO_C_TAU] * h_hat;
 }
 
 /* ------------------------------------------------------------------ row-parallel drivers (pthreads) */
@@ -236,10 +241,10 @@ static void *run_job(void *arg) {
         int64_t r = j->rows ? j->rows[k] : k;
         float *x = j->logits + r * j->row_stride;
         if (j->op == 1) {
-            const float *p = j->param + k * N_PARAMS;
+            const float *p = j->param + k * HAPO_NUM_PARAMS;
             float f = 1.0f;
-            if (p[C_ENABLED] != 0.0f) {
-                f = temperature_factor(row_entropy(x, j->vocab, p[C_INPUT_SCALE]), p, j->floors);
+            if (p[HAPO_C_ENABLED] != 0.0f) {
+                f = temperature_factor(row_entropy(x, j->vocab, p[HAPO_C_INPUT_SCALE]), p, j->floors);
                 if (f != 1.0f) row_scale(x, j->vocab, 1.0f / f); /* the row is still in L2 */
             }
             j->out[k] = f;

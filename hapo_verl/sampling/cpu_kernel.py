@@ -4,8 +4,9 @@ Eager torch needs a separate ``exp`` pass over the logits (about five elementwis
 machine); the C kernel fuses a polynomial ``exp2`` with the sums, so the processor stays within a few elementwise
 passes (bench/bench_logits_processor.py, docs/benchmarks.md).
 
-Build: ``$CC`` (default ``cc``, then ``gcc``) with ``-O3 -march=native -shared -fPIC -pthread``, once per source,
-compiler and CPU, into ``$HAPO_VERL_CACHE_DIR`` (default ``~/.cache/hapo_verl``)/kernels. Processes racing to
+Build: ``$CC`` (default ``cc``, then ``gcc``) with ``-O3 -march=native -shared -fPIC -pthread`` and the packed
+parameter layout of ``hapo_verl.sampling.params`` as ``-DHAPO_C_<COLUMN>=i`` (``LAYOUT_DEFINES``), once per source,
+flags, compiler and CPU, into ``$HAPO_VERL_CACHE_DIR`` (default ``~/.cache/hapo_verl``)/kernels. Processes racing to
 build (Ray workers) each write a temporary file and rename it into place. Where there is no compiler or the build
 fails, the reason is logged once and the torch path is used; ``HAPO_VERL_CPU_KERNEL=0`` turns the kernel off.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hapo_verl.algorithms.entropy import LOG_ENTROPY_FLOOR, REFERENCE_SAMPLER_LOG_FLOOR, REFERENCE_SAMPLER_SCALE_EPS
+from hapo_verl.sampling.params import NUM_PARAMS, layout_constants
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ ENV_CACHE = "HAPO_VERL_CACHE_DIR"
 ABI = 4
 SIMD_NAMES = {512: "avx512", 256: "avx2", 0: "scalar"}
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+#: the packed parameter layout (``hapo_verl.sampling.params``), handed to every build: cpu_kernel.c has no copy of it
+LAYOUT_DEFINES = (*(f"-DHAPO_{name}={i}" for name, i in layout_constants().items()), f"-DHAPO_NUM_PARAMS={NUM_PARAMS}")
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -71,7 +75,8 @@ def _cpu_signature() -> str:
 def _build(cc: str, cflags: tuple[str, ...] = CFLAGS) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(src + version.encode() + " ".join(cflags).encode() + _cpu_signature().encode()).hexdigest()
+    flags = (*cflags, *LAYOUT_DEFINES)
+    key = hashlib.sha256(src + version.encode() + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()
     out = cache_dir() / f"hapo_cpu_kernel_{key[:16]}.so"
     if out.exists():
         return out
@@ -79,7 +84,7 @@ def _build(cc: str, cflags: tuple[str, ...] = CFLAGS) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *cflags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -181,8 +186,8 @@ def _threads(n_rows: int, vocab: int) -> int:
 def adaptive_temperature_(logits: torch.Tensor, params: torch.Tensor, rows: torch.Tensor | None = None,
                           lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """The whole processor step, row by row: entropy, factor f (``row_temperature_factor_from_entropy``'s rule)
-    and logits[rows[k]] /= f in place for enabled rows of the packed [k, 8] ``params``; returns f [k] (1 where
-    disabled)."""
+    and logits[rows[k]] /= f in place for enabled rows of the packed [k, 8] ``params`` (``hapo_verl.sampling.params``);
+    returns f [k] (1 where disabled)."""
     lib = _require(lib)
     n = logits.shape[0] if rows is None else rows.numel()
     rows_c = _checked_rows(rows, logits.shape[0])

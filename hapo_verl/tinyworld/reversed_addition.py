@@ -1,8 +1,8 @@
-"""Synthetic verifiable task family of the CPU learning benchmark: reversed addition.
+"""The learning benchmark's task family (``hapo-verl bench-learning``): reversed addition.
 
 Prompt ``"aaa+bbb="`` (operands zero-padded to ``digits``, so every prompt has the same length), answer the
-digits of ``a+b`` least-significant first (natural length, no padding) followed by eos. Byte-level tokenizer
-(one token per character), so the answer length in tokens is ``len(answer) + 1``.
+digits of ``a+b`` least-significant first (natural length, no padding) followed by eos. Every digit and sign is
+one token of the world's tokenizer, so the answer length in tokens is ``len(answer) + 1``.
 
 Kinds (the difficulty knob is ``digits``):
 
@@ -26,13 +26,14 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from hapo_verl.tinyworld.world import CHAT_FRAME_TOKENS, ModelShape, prompt_ids, rl_row
 
 DATA_SOURCE = "hapo_bench_reversed_add"
 KINDS = ("add", "addvar")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>"]
-#: the chat template only concatenates the message contents: the prompt ids are exactly "aaa+bbb="
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+#: the feasibility study's shape: ~0.89 M parameters with the world's 400-token vocabulary
+SHAPE = ModelShape(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=64)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class TaskConfig:
 
     @property
     def prompt_len(self) -> int:
-        return 2 * self.digits + 2
+        """Prompt tokens: the chat frame and one token per character of ``aaa+bbb=``."""
+        return CHAT_FRAME_TOKENS + 2 * self.digits + 2
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -121,45 +123,10 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
     return {"score": score, "acc": score}
 
 
-# ---------------------------------------------------------------------------------------------- tokenizer/model
-def build_tokenizer(out_dir: str | Path):
-    """Byte-level BPE without merges (one token per byte) + eos/pad; reloads as transformers' Qwen2Tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 64
-    fast.save_pretrained(str(out_dir))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(out_dir))
-
-
-#: the feasibility study's shape: ~0.85 M parameters with the 258-token byte vocabulary
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=64)
-
-
-def build_model(tokenizer, seed: int):
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         torch_dtype="float32", **MODEL_SHAPE)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id],
-                                               pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    return model
+def rl_rows(task: TaskConfig, problems, split: str) -> list[dict]:
+    """The verl RL parquet rows of ``problems``."""
+    return [rl_row(DATA_SOURCE, "arithmetic", prompt_text(task, a, b), answer_text(a, b), split, i, a, b)
+            for i, (a, b) in enumerate(problems)]
 
 
 class Codec:
@@ -172,32 +139,14 @@ class Codec:
         self.pad = tokenizer.pad_token_id
         probe = self.prompt_ids(10 ** task.digits - 1, 0)
         if len(probe) != task.prompt_len:
-            raise RuntimeError(f"tokenizer does not give one token per character: {probe}")
+            raise RuntimeError(f"expected {task.prompt_len} prompt tokens (chat frame + one token per character), "
+                               f"got {len(probe)}: {probe}")
 
     def prompt_ids(self, a: int, b: int) -> list[int]:
-        msgs = [{"role": "user", "content": prompt_text(self.task, a, b)}]
-        out = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-        if hasattr(out, "keys"):
-            out = out["input_ids"]
-        return [int(t) for t in out]
+        return prompt_ids(self.tokenizer, prompt_text(self.task, a, b))
 
     def answer_ids(self, a: int, b: int) -> list[int]:
         return self.tokenizer.encode(answer_text(a, b), add_special_tokens=False) + [self.eos]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def write_parquet(task: TaskConfig, path: str | Path, problems, split: str) -> str:
-    """verl RL parquet (data_source, prompt, ability, reward_model, extra_info)."""
-    import pandas as pd
-
-    rows = [{"data_source": DATA_SOURCE,
-             "prompt": [{"role": "user", "content": prompt_text(task, a, b)}],
-             "ability": "arithmetic",
-             "reward_model": {"style": "rule", "ground_truth": answer_text(a, b)},
-             "extra_info": {"split": split, "index": i, "a": a, "b": b}}
-            for i, (a, b) in enumerate(problems)]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(str(path), index=False)
-    return str(path)

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (hapo_verl/vllm/cpu_kernel.c) against float64 references and the torch path: entropy,
+"""The compiled CPU kernel (hapo_verl/sampling/cpu_kernel.c) against float64 references and the torch path: entropy,
 factor rule, in-place scaling, masked / one-hot / non-finite rows, row subsets and strides, every SIMD variant the
 machine can run, thread counts, the build cache and the fallback when no compiler works."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hapo_verl.algorithms.entropy import row_temperature_factor_from_entropy
-from hapo_verl.vllm import cpu_kernel as ck
-from hapo_verl.vllm import fast_path as fp
+from hapo_verl.sampling import cpu_kernel as ck
+from hapo_verl.sampling import fast_path as fp
+from hapo_verl.sampling.params import pack_params
 
 HAVE_CC = ck._compiler() is not None
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: the torch path is used")
@@ -109,7 +110,7 @@ def test_factor_rule_equals_row_temperature_factor_from_entropy(lib, compat):
     for i, k in enumerate(ks):
         x[i, :k] = 1.5
     for pivot, scale, pos, neg, tau in [(0.5, 1.2, 0.7, 0.4, 0.3), (-1.0, 0.3, 2.0, 3.0, 0.9), (2.0, 5.0, 0.1, 0.2, 0.05)]:
-        params = fp.pack_params(pivot, scale, pos, neg, tau, compat, rows=len(ks))
+        params = pack_params(pivot, scale, pos, neg, tau, compat, rows=len(ks))
         y = x.clone()
         f = ck.adaptive_temperature_(y, params, lib=lib)
         H = torch.tensor([math.log(k) for k in ks])
@@ -126,7 +127,7 @@ def test_adaptive_temperature_equals_torch_path(lib, with_rows):
     g = torch.Generator().manual_seed(3)
     k = 6 if with_rows else 9
     rows = torch.tensor([8, 0, 5, 2, 6, 3]) if with_rows else None
-    params = fp.pack_params(torch.rand(k, generator=g) * 2 - 0.5, torch.rand(k, generator=g) + 0.2,
+    params = pack_params(torch.rand(k, generator=g) * 2 - 0.5, torch.rand(k, generator=g) + 0.2,
                             torch.rand(k, generator=g), torch.rand(k, generator=g), 0.4,
                             (torch.arange(k) % 2).float(), input_scale=torch.rand(k, generator=g) + 0.5,
                             enabled=(torch.arange(k) % 3 != 1).float())
@@ -146,7 +147,7 @@ def test_non_finite_rows_get_a_finite_factor_and_do_not_disturb_others(lib):
     x = make_logits(rows=6)
     x[0, 7] = float("nan")
     x[1, 9] = float("inf")
-    params = fp.pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6)
+    params = pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6)
     y = x.clone()
     f = ck.adaptive_temperature_(y, params, lib=lib)
     assert torch.isfinite(f).all()
@@ -158,7 +159,7 @@ def test_non_finite_rows_get_a_finite_factor_and_do_not_disturb_others(lib):
 def test_thread_count_does_not_change_results(lib, monkeypatch):
     monkeypatch.setattr(ck, "MIN_LOGITS_PER_THREAD", 1)  # let even this small block use every thread
     x = make_logits(rows=13, vocab=20_000, seed=4)
-    params = fp.pack_params(0.3, 1.0, 0.6, 0.6, 0.2, input_scale=0.9, rows=13)
+    params = pack_params(0.3, 1.0, 0.6, 0.6, 0.2, input_scale=0.9, rows=13)
     outs = []
     old = torch.get_num_threads()
     try:
@@ -206,8 +207,8 @@ def test_falls_back_to_torch_path_with_one_clear_log_line(tmp_path, monkeypatch,
             x = make_logits(rows=6)
             assert fp.choose_backend(x) == "torch"
             y = x.clone()
-            f = fp.apply_packed_(y, fp.pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6))
-            fp.apply_packed_(y.clone(), fp.pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6))
+            f = fp.apply_packed_(y, pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6))
+            fp.apply_packed_(y.clone(), pack_params(0.5, 1.2, 0.7, 0.4, 0.3, rows=6))
         assert reason in ck.status()
         assert f.shape == (6,) and torch.isfinite(f).all()
         lines = [r.getMessage() for r in caplog.records if "compiled CPU kernel" in r.getMessage()]

@@ -1,0 +1,155 @@
+"""The launcher: compose a config of ``hapo_verl/conf``, check it before any Ray process starts, and run verl's
+``run_ppo`` with the one trainer. Used by the CLI, ``python -m hapo_verl.main``, the recipes and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib import resources
+
+import ray
+from omegaconf import OmegaConf, open_dict
+from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+
+from hapo_verl import registry
+from hapo_verl.config import LEGACY_LOSS_CONFIG, LOSS_KEY, LOSS_CONFIG_CLASSES, VERL_LOSS_FIELDS, loss_config_target
+from hapo_verl.registration import ensure_registered
+
+CONFIG_PACKAGE = "hapo_verl.conf"
+AGENT_LOOP = "hapo_single_turn"
+
+
+def config_names() -> list[str]:
+    """The primary configs of ``hapo_verl/conf`` (``--config-name`` / ``hapo-verl tiny --config``)."""
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir()
+                  if p.name.endswith(".yaml") and p.is_file())
+
+
+def agent_loop_config_path() -> str:
+    return str(resources.files(CONFIG_PACKAGE).joinpath("verl", "agent_loops.yaml"))
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def _translate_legacy_loss(policy_loss) -> None:
+    """hapo-verl 0.1 configs: ``_target_=hapo_verl.config.BaselinePolicyLossConfig`` and ``loss_mode=vanilla`` with
+    another loss's keys (forking tokens were ``vanilla`` + ``top_entropy_quantile``). Deprecated, rewritten here."""
+    if str(policy_loss.get("_target_", "")).endswith(f".{LEGACY_LOSS_CONFIG}"):
+        warnings.warn(f"{LOSS_KEY}._target_={policy_loss._target_} is deprecated: drop it (hapo-verl sets the "
+                      "class from loss_mode)", DeprecationWarning, stacklevel=3)
+        policy_loss._target_ = "verl.workers.config.PolicyLossConfig"
+    if policy_loss.get("loss_mode", "vanilla") != "vanilla":
+        return
+    extra = {k: policy_loss[k] for k in policy_loss if k not in VERL_LOSS_FIELDS}
+    for key in [k for k, v in extra.items() if not v]:  # a legacy key left at its "off" value
+        policy_loss.pop(key)
+        extra.pop(key)
+    if not extra:
+        return
+    owners = [s for s in registry.loss_specs().values()
+              if set(extra) <= {f for f in s.loss_options.__dataclass_fields__}]
+    if len(owners) != 1:
+        keys = ", ".join(f"{LOSS_KEY}.{k}" for k in sorted(extra))
+        raise ValueError(f"unknown option {keys} for loss_mode=vanilla (verl's loss has no such keys); "
+                         f"choose a loss_mode among {', '.join(registry.loss_specs())}")
+    warnings.warn(f"{LOSS_KEY}.loss_mode=vanilla with {', '.join(sorted(extra))} is deprecated: use "
+                  f"loss_mode={owners[0].name}", DeprecationWarning, stacklevel=3)
+    policy_loss.loss_mode = owners[0].name
+
+
+def prepare_config(config) -> None:
+    """Fill launcher-owned keys and check every algorithm option before any Ray process starts."""
+    from hapo_verl.trainer.hapo_trainer import StepPlan
+
+    with open_dict(config):
+        policy_loss = config.actor_rollout_ref.actor.policy_loss
+        _translate_legacy_loss(policy_loss)
+        agent = config.actor_rollout_ref.rollout.agent
+        if agent.get("default_agent_loop") == AGENT_LOOP and not agent.get("agent_loop_config_path"):
+            agent.agent_loop_config_path = agent_loop_config_path()
+    plan = StepPlan.from_config(config)
+    spec = plan.estimator_spec
+    n = config.actor_rollout_ref.rollout.get("n", 1)
+    if spec is not None and spec.needs_groups and not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"algorithm.adv_estimator={spec.name} compares the responses of each prompt: "
+                         f"actor_rollout_ref.rollout.n must be >= 2, got {n!r} (with one response per prompt every "
+                         "advantage is 0)")
+    if plan.loss_spec is not None:
+        target = loss_config_target(plan.loss_spec)
+        with open_dict(config):
+            policy_loss._target_ = target
+        LOSS_CONFIG_CLASSES[target.rsplit(".", 1)[1]].from_mapping(OmegaConf.to_container(policy_loss, resolve=True))
+    _check_reference_compat(config, plan)
+    sampling = plan.sampling
+    if sampling.adaptive_temperature and config.actor_rollout_ref.rollout.agent.get("default_agent_loop") != AGENT_LOOP:
+        raise ValueError(
+            f"{plan.sampling_spec.name}.adaptive_temperature=true needs "
+            f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP} (the agent loop that sends the entropy "
+            "statistics to the sampler)")
+    if sampling.adaptive_temperature and config.actor_rollout_ref.rollout.name == "vllm":
+        from hapo_verl.vllm import processor_fqcn
+
+        with open_dict(config):
+            engine_kwargs = config.actor_rollout_ref.rollout.engine_kwargs
+            vllm_kwargs = engine_kwargs.get("vllm", None) or {}
+            processors = list(vllm_kwargs.get("logits_processors", []) or [])
+            fqcn = processor_fqcn()
+            if fqcn not in processors:
+                processors.append(fqcn)
+            engine_kwargs["vllm"] = {**OmegaConf.to_container(OmegaConf.create(vllm_kwargs)),
+                                     "logits_processors": processors}
+
+
+def _check_reference_compat(config, plan) -> None:
+    """The fork-compatibility switch is one decision: every ``reference_compat`` option of the active loss and
+    estimator must equal the sampling section's (the shipped YAMLs link them)."""
+    wanted = plan.sampling.reference_compat
+    for options, key in ((plan.loss_options, LOSS_KEY),
+                         (plan.estimator_options, f"algorithm.{getattr(plan.estimator_spec, 'name', '')}")):
+        value = getattr(options, "reference_compat", wanted)
+        if value != wanted:
+            raise ValueError(f"{key}.reference_compat must equal {plan.sampling_spec.name}.reference_compat "
+                             f"({value} vs {wanted})")
+
+
+@ray.remote(num_cpus=1)
+class HAPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
+    """verl's v1 TaskRunner whose ``sync`` trainer is :class:`HAPOTrainerSync`.
+
+    verl picks the trainer class by ``trainer.v1.trainer_mode`` from its registry; several code paths compare the
+    mode to ``"sync"``, so the mode keeps its name and only this (dedicated) TaskRunner process maps it to ours.
+    """
+
+    def run(self, config):
+        ensure_registered()
+        from verl.trainer.ppo.v1 import trainer_base
+
+        from hapo_verl.trainer.hapo_trainer import HAPOTrainerSync
+
+        if config.trainer.v1.trainer_mode != "sync":
+            raise ValueError("hapo-verl supports trainer.v1.trainer_mode=sync (verl's default)")
+        trainer_base.TRAINER_REGISTRY["sync"] = HAPOTrainerSync
+        return super().run(config)
+
+
+def validate(config) -> None:
+    """Everything checked at start-up: :func:`prepare_config` and verl's ``validate_config``."""
+    from verl.trainer.main_ppo import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    ensure_registered()
+    prepare_config(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    if not config.trainer.get("use_v1", True):
+        raise ValueError("hapo-verl runs on verl's v1 trainer: trainer.use_v1 must be true")
+
+
+def run(config) -> None:
+    validate(config)
+    run_ppo(config, task_runner_class=HAPOTaskRunner)

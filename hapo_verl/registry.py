@@ -1,0 +1,325 @@
+"""The algorithm registry: what an algorithm is, declared on its own module.
+
+An algorithm module in :mod:`hapo_verl.algorithms` holds its pure-torch math, its options as plain dataclasses
+whose fields carry their help, range and paper reference (:func:`option`), and one :class:`AlgorithmSpec`
+declared with :func:`register_algorithm`. Everything else (verl registration, the trainer, the worker-side loss,
+config loading, CLI choices, docs) is generic and reads the registry.
+
+This module is pure Python: it imports nothing from torch, verl, vLLM, Ray, Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+import threading
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Mapping
+
+# What a part of an algorithm needs from the old-policy pass that verl runs before the update.
+OLD_ENTROPY = "old_entropy"  # per-token entropy of π_old (verl's old-log-prob step, field ``entropy``)
+OLD_LOG_PROB = "old_log_prob"  # per-token log π_old (on the driver: verl passes none to estimators)
+CURRENT_ENTROPY = "current_entropy"  # per-token entropy of π_θ in the update's forward pass
+BATCH_STATS = "batch_stats"  # the spec's batch statistics, computed once per step over the whole batch
+NEEDS = (OLD_ENTROPY, OLD_LOG_PROB, CURRENT_ENTROPY, BATCH_STATS)
+
+# Metric names a loss returns that verl logs under ``actor/`` (verl's own names); others go to actor/<name>/.
+VERL_LOSS_METRICS = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+
+
+# ------------------------------------------------------------------------------------------------ options
+def option(default: Any, help: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, choices: tuple | None = None, paper: str | None = None):
+    """A dataclass field of an algorithm's options: default, meaning, allowed range or choices, paper reference.
+
+    The metadata feeds validation (:func:`validate_options`), the CLI's help and docs/configuration.md.
+    """
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
+                                             "high_open": high_open, "choices": choices, "paper": paper})
+
+
+def describe_range(meta: Mapping) -> str:
+    """The allowed values of an option as a user reads them: ``[0, 1)``, ``one of group, batch``, ``true/false``."""
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return ""
+    lo = "-inf" if low is None else _fmt(low)
+    hi = "inf" if high is None else _fmt(high)
+    left = "(" if meta.get("low_open") or low is None else "["
+    right = ")" if meta.get("high_open") or high is None else "]"
+    return f"{left}{lo}, {hi}{right}"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def field_type(cls, f) -> Any:
+    """The resolved type of a dataclass field (annotations may be strings under ``from __future__``)."""
+    hints = typing.get_type_hints(cls)
+    return hints.get(f.name, f.type)
+
+
+def coerce_value(key: str, value: Any, expected: Any) -> Any:
+    """Type-driven coercion of a YAML/CLI value: ints are accepted for floats; a bool is never a number."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (float, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        if expected is int and not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    elif expected is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    elif expected is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def validate_value(key: str, value: Any, meta: Mapping) -> None:
+    """Check one option value against its metadata (range / choices); errors name the key and the range."""
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{key} must be {describe_range(meta)}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number in {describe_range(meta)}, got {value!r}")
+    too_low = low is not None and (value <= low if meta.get("low_open") else value < low)
+    too_high = high is not None and (value >= high if meta.get("high_open") else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{key} must be in {describe_range(meta)}, got {value!r}")
+
+
+def validate_options(options, prefix: str) -> None:
+    """Validate every field of an options dataclass instance against its metadata and type."""
+    for f in fields(options):
+        key = f"{prefix}.{f.name}"
+        value = coerce_value(key, getattr(options, f.name), field_type(type(options), f))
+        validate_value(key, value, f.metadata)
+
+
+def load_options(cls, data: Mapping | None, prefix: str):
+    """Build an options dataclass from a mapping: unknown keys rejected with their full key path, values coerced by
+    the field types and validated against the field metadata. ``None`` gives the defaults."""
+    if data is None:
+        data = {}
+    elif isinstance(data, cls):
+        validate_options(data, prefix)
+        return data
+    elif is_dataclass(data):
+        data = {f.name: getattr(data, f.name) for f in fields(data)}
+    data = {str(k): v for k, v in dict(data.items()).items()}
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        names = ", ".join(f"{prefix}.{k}" for k in unknown)
+        raise ValueError(f"unknown option {names}; allowed keys under {prefix}: {', '.join(sorted(allowed))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}"
+        value = coerce_value(key, value, field_type(cls, allowed[name]))
+        validate_value(key, value, allowed[name].metadata)
+        values[name] = value
+    return cls(**values)
+
+
+def option_defaults(cls) -> dict[str, Any]:
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
+
+
+# ------------------------------------------------------------------------------------------------ contexts
+@dataclass
+class LossInputs:
+    """What a registered per-token loss receives. Tensors are (B, L) on one device (any device).
+
+    ``entropy`` is the per-token entropy the spec asked for (old or current policy), else None.
+    ``aggregate(loss_mat, mask, mode=None)`` is verl's ``agg_loss`` over the global batch (``mode`` defaults to
+    ``loss_agg_mode``), so results do not depend on the micro-batch split. ``kl(log_prob, other, kind)`` is verl's
+    ``kl_penalty``; ``ref_log_prob`` / ``kl_coef`` are set when ``actor.use_kl_loss`` is on.
+    """
+
+    old_log_prob: Any
+    log_prob: Any
+    advantages: Any
+    response_mask: Any
+    loss_agg_mode: str
+    aggregate: Callable
+    clip_low: float
+    clip_high: float
+    clip_ratio_c: float
+    entropy: Any = None
+    batch_stats: Mapping | None = None
+    rollout_is_weights: Any = None
+    ref_log_prob: Any = None
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+    kl: Callable | None = None
+
+
+@dataclass
+class AdvantageInputs:
+    """What a registered advantage estimator receives: (B, L) tensors, (B,) contiguous group ids, and the old-policy
+    tensors or batch statistics its spec asked for (None otherwise)."""
+
+    token_level_rewards: Any
+    response_mask: Any
+    group_ids: Any
+    old_log_prob: Any = None
+    entropy: Any = None
+    batch_stats: Mapping | None = None
+
+
+@dataclass
+class OldPolicyBatch:
+    """The whole step's old-policy tensors on the driver, padded (B, L): input of a spec's batch statistics."""
+
+    response_mask: Any
+    entropy: Any = None
+    old_log_prob: Any = None
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm as the generic glue sees it.
+
+    Args:
+        name: the registered verl name(s): ``algorithm.adv_estimator=<name>`` and/or
+            ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``; also the config file ``conf/<name>.yaml``.
+        title: human name (e.g. ``HAPO``); the verl loss config class is ``<title>PolicyLossConfig``.
+        paper: citation with link.
+        summary: one line.
+        loss: ``loss(inputs: LossInputs, options) -> (loss, metrics)``, metrics 0-dim tensors on the input's
+            device; None when the algorithm has no policy loss.
+        loss_options: dataclass of the loss's keys (``actor_rollout_ref.actor.policy_loss.*``).
+        loss_needs: ``options -> set`` of :data:`NEEDS` (a set or a function of the loss options).
+        loss_handles_kl: the loss adds the KL-to-reference term itself (verl's KL loss is then not added).
+        advantage: ``advantage(inputs: AdvantageInputs, options) -> (advantages, returns, metrics)``; metrics floats.
+        estimator_options: dataclass of the estimator's keys (``algorithm.<name>.*``).
+        estimator_needs: like ``loss_needs``, for the estimator (computed on the driver).
+        batch_stats: ``batch_stats(old: OldPolicyBatch, options) -> (stats, metrics)``, once per step on the driver
+            over the whole batch, with the loss options when the loss is active (else the defaults); ``stats`` is a
+            JSON-able dict sent to the workers and handed to the loss and estimator.
+        needs_groups: the advantage needs several responses per prompt (``rollout.n >= 2``).
+        loss_requires_estimator: the loss works only with this spec's estimator (it uses what the estimator computed).
+        rollout_entropy_stats: the batch statistics are the entropy statistics adaptive temperature sends to
+            the next rollout.
+        sampling_options: dataclass of the top-level ``<name>.*`` section that configures adaptive temperature
+            sampling (read by the trainer; the spec must have ``rollout_entropy_stats``).
+    """
+
+    name: str
+    title: str
+    paper: str
+    summary: str
+    loss: Callable | None = None
+    loss_options: type | None = None
+    loss_needs: Callable | frozenset = frozenset()
+    loss_handles_kl: bool = False
+    advantage: Callable | None = None
+    estimator_options: type | None = None
+    estimator_needs: Callable | frozenset = frozenset()
+    batch_stats: Callable | None = None
+    needs_groups: bool = True
+    loss_requires_estimator: bool = False
+    rollout_entropy_stats: bool = False
+    sampling_options: type | None = None
+    module: str = ""
+
+    def needs_of_loss(self, options) -> frozenset:
+        return _needs(self.loss_needs, options)
+
+    def needs_of_estimator(self, options) -> frozenset:
+        return _needs(self.estimator_needs, options)
+
+    @property
+    def standard_signature(self) -> bool:
+        """The loss runs through verl's standard policy-loss signature (it needs nothing verl does not pass)."""
+        if self.loss is None or self.loss_options is None:
+            return self.loss is not None
+        return not self.needs_of_loss(self.loss_options())
+
+
+def _needs(needs, options) -> frozenset:
+    value = needs(options) if callable(needs) else needs
+    value = frozenset(value)
+    unknown = value - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)}; known: {NEEDS}")
+    return value
+
+
+_lock = threading.RLock()
+_SPECS: dict[str, AlgorithmSpec] = {}
+_discovered = False
+
+
+def register_algorithm(**kwargs) -> AlgorithmSpec:
+    """Declare a spec. Re-declaring from the same module (a reload) replaces it; another module claiming the
+    name fails loudly."""
+    spec = AlgorithmSpec(**kwargs)
+    with _lock:
+        current = _SPECS.get(spec.name)
+        if current is not None and current.module != spec.module:
+            raise RuntimeError(f"algorithm {spec.name!r} is declared twice: in {current.module} and {spec.module}")
+        _SPECS[spec.name] = spec
+    return spec
+
+
+def algorithm(role: str, **kwargs) -> Callable:
+    """Decorator that declares an algorithm on the function computing its loss (``role="loss"``) or its advantage
+    (``role="advantage"``); the other parts are keyword arguments. Returns the function unchanged.
+
+        @algorithm("loss", name="my_loss", title="MyLoss", paper=..., loss_options=MyLossOptions, ...)
+        def my_loss(inputs: LossInputs, options: MyLossOptions): ...
+    """
+    if role not in ("loss", "advantage"):
+        raise ValueError(f"role must be 'loss' or 'advantage', got {role!r}")
+
+    def wrap(fn):
+        register_algorithm(**{role: fn, "module": fn.__module__, **kwargs})
+        return fn
+
+    return wrap
+
+
+def discover() -> dict[str, AlgorithmSpec]:
+    """Import every module of :mod:`hapo_verl.algorithms` once, so that their specs are declared."""
+    global _discovered
+    with _lock:
+        if not _discovered:
+            package = importlib.import_module("hapo_verl.algorithms")
+            for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+                importlib.import_module(f"{package.__name__}.{info.name}")
+            _discovered = True
+        return dict(sorted(_SPECS.items()))
+
+
+def specs() -> list[AlgorithmSpec]:
+    return list(discover().values())
+
+
+def get(name: str) -> AlgorithmSpec | None:
+    return discover().get(name)
+
+
+def loss_specs() -> dict[str, AlgorithmSpec]:
+    return {n: s for n, s in discover().items() if s.loss is not None}
+
+
+def estimator_specs() -> dict[str, AlgorithmSpec]:
+    return {n: s for n, s in discover().items() if s.advantage is not None}
+
+
+__all__ = [
+    "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "LossInputs", "NEEDS", "OLD_ENTROPY",
+    "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
+    "estimator_specs", "get", "load_options", "loss_specs", "option", "option_defaults", "register_algorithm",
+    "specs", "validate_options",
+]

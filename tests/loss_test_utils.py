@@ -1,0 +1,123 @@
+"""Shared helpers of the per-algorithm loss tests: verl actor configs of any registered loss, random batches,
+verl's aggregation and vanilla loss, worker-side batches, stub trainers and 2-step CPU runs."""
+
+import json
+from unittest import mock
+
+import torch
+
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def policy_loss_config(loss_mode="vanilla", **loss_kw):
+    """verl's PolicyLossConfig for verl's own losses, the generated class of a registered one."""
+    from verl.workers.config.actor import PolicyLossConfig
+
+    from hapo_verl import config, registry
+
+    spec = registry.get(loss_mode)
+    if spec is None or spec.loss is None:
+        return PolicyLossConfig(loss_mode=loss_mode, **loss_kw)
+    return config.LOSS_CONFIG_CLASSES[config.loss_config_name(spec)](**loss_kw)
+
+
+def actor_config(clip=(0.2, 0.28), use_kl_loss=False, kl_loss_coef=0.001, entropy_coeff=0.0, loss_mode="vanilla",
+                 **loss_kw):
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=clip[0],
+                       clip_ratio_high=clip[1], clip_ratio_c=10.0, use_kl_loss=use_kl_loss, kl_loss_coef=kl_loss_coef,
+                       kl_loss_type="low_var_kl", entropy_coeff=entropy_coeff,
+                       policy_loss=policy_loss_config(loss_mode, **loss_kw))
+
+
+def random_batch(B=8, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    old = -torch.rand(B, L, generator=g) * 3
+    new = old + torch.randn(B, L, generator=g) * 0.3
+    adv = (torch.randn(B, 1, generator=g)).expand(B, L) * mask
+    entropy = torch.rand(B, L, generator=g) * 2
+    ref = old + torch.randn(B, L, generator=g) * 0.1
+    return old, new, adv.contiguous(), mask, entropy, ref
+
+
+def agg(mode, **info):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    return lambda mat, mask: agg_loss(loss_mat=mat, loss_mask=mask, loss_agg_mode=mode, **info)
+
+
+def vanilla(old, new, adv, mask, mode, cfg):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    return compute_policy_loss_vanilla(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+                                       loss_agg_mode=mode, config=cfg)
+
+
+def worker_data(old, adv, mask, entropy, ref=None, batch_stats=None, global_batch_size=None, batch_num_tokens=None):
+    """The actor batch verl's workers hand to a loss function (padded: padding is mocked as identity)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    from hapo_verl.integration.loss import BATCH_STATS_FIELD
+
+    fields = {"response_mask": mask.float(), "old_log_probs": old, "advantages": adv, "entropy": entropy}
+    if ref is not None:
+        fields["ref_log_prob"] = ref
+    data = TensorDict(fields, batch_size=[old.shape[0]])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    if batch_stats is not None:
+        tu.assign_non_tensor(data, **{BATCH_STATS_FIELD: batch_stats})
+    return data
+
+
+def metric_value(m):
+    """A float from verl's Metric (one value) or a plain number."""
+    values = getattr(m, "values", None)
+    if values is not None:
+        assert len(values) == 1
+        m = values[0]
+    return float(m.item() if isinstance(m, torch.Tensor) else m)
+
+
+def identity_padding():
+    return mock.patch("verl.workers.utils.padding.no_padding_2_padding", lambda tensor, data: tensor)
+
+
+def stub_trainer(config):
+    """The trainer without verl's start-up (no workers): its plan and per-step state from ``config``."""
+    from hapo_verl.trainer.hapo_trainer import HAPOTrainerSync, StepPlan
+
+    trainer = object.__new__(HAPOTrainerSync)
+    trainer.config = config
+    trainer.plan = StepPlan.from_config(config)
+    trainer.batch_stats = {}
+    trainer.hapo_rollout_stats = None
+    trainer._old_policy = None
+    return trainer
+
+
+def read_metrics(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return {row["step"]: row["data"] for row in rows}
+
+
+def run_tiny(config, out, timeout=900):
+    """``python -m hapo_verl.cli tiny --config <config> --steps 2 --out <out>`` through the shared CPU runner
+    (private Ray temp dir, process-group cleanup, timeout). Returns (rc, output); rc is None on timeout."""
+    from cpu_run_utils import run_verl
+
+    res = run_verl(["tiny", "--config", config, "--steps", "2", "--out", str(out)], timeout=timeout,
+                   module="hapo_verl.cli")
+    return res.rc, res.output
+
+
+def two_step_run_metrics(config, tmp_path):
+    """The per-step metrics of a 2-step tiny CPU run of ``config`` (asserting it succeeded)."""
+    rc, output = run_tiny(config, tmp_path)
+    assert rc == 0, output[-6000:]
+    metrics = read_metrics(tmp_path / config / "metrics.jsonl")
+    assert {1, 2} <= set(metrics), metrics.keys()
+    return metrics
