@@ -52,10 +52,10 @@ def child(run: str, steps: int, out: str) -> None:
             "trainer.save_freq=-1", *extra]
     config = compose(config_name, tiny_overrides(config_name, steps, os.path.join(out, run), user))
     if trainer == "verl":
-        from verl.trainer.main_ppo import run_ppo
+        from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
         validate(config)
-        run_ppo(config)  # verl's own TaskRunner and PPOTrainerSync
+        run_ppo(config, task_runner_class=TaskRunnerV1)  # verl's own TaskRunner and PPOTrainerSync
     else:
         run_hapo_verl(config)
 

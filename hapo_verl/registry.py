@@ -10,6 +10,7 @@ This module is pure Python: it imports nothing from torch, verl, vLLM, Ray, Hydr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import pkgutil
@@ -60,8 +61,12 @@ def _fmt(value: float) -> str:
 
 def field_type(cls, f) -> Any:
     """The resolved type of a dataclass field (annotations may be strings under ``from __future__``)."""
-    hints = typing.get_type_hints(cls)
-    return hints.get(f.name, f.type)
+    return _type_hints(cls).get(f.name, f.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def coerce_value(key: str, value: Any, expected: Any) -> Any:
@@ -203,9 +208,10 @@ class AlgorithmSpec:
         advantage: ``advantage(inputs: AdvantageInputs, options) -> (advantages, returns, metrics)``; metrics floats.
         estimator_options: dataclass of the estimator's keys (``algorithm.<name>.*``).
         estimator_needs: like ``loss_needs``, for the estimator (computed on the driver).
-        batch_stats: ``batch_stats(old: OldPolicyBatch, options) -> (stats, metrics)``, once per step on the driver
-            over the whole batch, with the loss options when the loss is active (else the defaults); ``stats`` is a
-            JSON-able dict sent to the workers and handed to the loss and estimator.
+        batch_stats: ``batch_stats(old: OldPolicyBatch, options) -> stats``, once per step on the driver over the
+            whole batch, with the loss options when the loss is active (else the defaults); ``stats`` is a JSON-able
+            dict sent to the workers and handed to the loss and estimator.
+        batch_metrics: ``batch_metrics(old, options, stats) -> dict`` of floats the trainer logs with them.
         needs_groups: the advantage needs several responses per prompt (``rollout.n >= 2``).
         loss_requires_estimator: the loss works only with this spec's estimator (it uses what the estimator computed).
         rollout_entropy_stats: the batch statistics are the entropy statistics adaptive temperature sends to
@@ -226,6 +232,7 @@ class AlgorithmSpec:
     estimator_options: type | None = None
     estimator_needs: Callable | frozenset = frozenset()
     batch_stats: Callable | None = None
+    batch_metrics: Callable | None = None
     needs_groups: bool = True
     loss_requires_estimator: bool = False
     rollout_entropy_stats: bool = False

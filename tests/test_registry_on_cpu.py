@@ -173,8 +173,8 @@ def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_sync
     old, new, adv, mask, entropy = _meta_inputs()
     stats = None
     if spec.batch_stats is not None:
-        stats, _ = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy, old_log_prob=old),
-                                    options)
+        stats = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy, old_log_prob=old),
+                                 options)
     n_tok = int(mask.sum())
     config.global_batch_info.update(dp_size=1, batch_num_tokens=n_tok, global_batch_size=old.shape[0],
                                     loss_scale_factor=None)

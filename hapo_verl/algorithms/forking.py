@@ -90,19 +90,22 @@ def forking_needs(options: ForkingOptions) -> frozenset:
     return frozenset() if options.top_entropy_quantile == 0.0 else frozenset({OLD_ENTROPY, BATCH_STATS})
 
 
-def forking_batch_stats(old: OldPolicyBatch, options: ForkingOptions) -> tuple[dict, dict]:
+def forking_batch_stats(old: OldPolicyBatch, options: ForkingOptions) -> dict:
     """τ_q over every valid token of the step (driver)."""
-    threshold = entropy_quantile_threshold(old.entropy, old.response_mask, options.top_entropy_quantile)
+    return {"threshold": entropy_quantile_threshold(old.entropy, old.response_mask, options.top_entropy_quantile)}
+
+
+def forking_batch_metrics(old: OldPolicyBatch, options: ForkingOptions, stats: dict) -> dict:
     valid = old.entropy[old.response_mask.bool()]
-    kept = float((valid >= threshold).float().mean()) if valid.numel() else 0.0
-    metrics = {"forking/threshold": threshold, "forking/kept_frac_batch": kept, "forking/num_tokens": float(valid.numel())}
-    return {"threshold": threshold}, metrics
+    kept = float((valid >= stats["threshold"]).float().mean()) if valid.numel() else 0.0
+    return {"forking/threshold": stats["threshold"], "forking/kept_frac_batch": kept,
+            "forking/num_tokens": float(valid.numel())}
 
 
 @algorithm("loss", name="forking", title="Forking", paper=PAPER,
            summary="DAPO's loss on the top-entropy (forking) tokens of the batch only.",
            loss_options=ForkingOptions, loss_needs=forking_needs,
-           batch_stats=forking_batch_stats)
+           batch_stats=forking_batch_stats, batch_metrics=forking_batch_metrics)
 def forking_loss(inputs: LossInputs, options: ForkingOptions):
     if options.top_entropy_quantile == 0.0:
         threshold = None

@@ -95,9 +95,14 @@ def hapo_loss_needs(options: HAPOLossOptions) -> frozenset:
     return frozenset({CURRENT_ENTROPY}) if options.reference_compat else frozenset({OLD_ENTROPY, BATCH_STATS})
 
 
-def hapo_batch_stats(old: OldPolicyBatch, options: HAPOLossOptions) -> tuple[dict, dict]:
-    """Entropy statistics of every valid token of the step (driver), and the ĥ distribution as metrics."""
-    stats = compute_entropy_stats(old.entropy, old.response_mask, options.entropy_pivot)
+def hapo_batch_stats(old: OldPolicyBatch, options: HAPOLossOptions) -> dict:
+    """Entropy statistics of every valid token of the step (driver)."""
+    return compute_entropy_stats(old.entropy, old.response_mask, options.entropy_pivot).to_dict()
+
+
+def hapo_batch_metrics(old: OldPolicyBatch, options: HAPOLossOptions, stats: dict) -> dict:
+    """The statistics and the distribution of ĥ over the step's valid tokens."""
+    stats = EntropyStats.from_dict(stats)
     metrics = {"hapo/stats/pivot": stats.pivot, "hapo/stats/scale": stats.scale,
                "hapo/stats/pos_scale": stats.pos_scale, "hapo/stats/neg_scale": stats.neg_scale,
                "hapo/stats/num_tokens": stats.num_tokens}
@@ -108,7 +113,7 @@ def hapo_batch_stats(old: OldPolicyBatch, options: HAPOLossOptions) -> tuple[dic
         metrics.update({"hapo/h_hat/mean": h_hat.mean().item(), "hapo/h_hat/p10": q[0].item(),
                         "hapo/h_hat/p50": q[1].item(), "hapo/h_hat/p90": q[2].item(),
                         "hapo/h_hat/positive_frac": (h_hat > 0).float().mean().item()})
-    return stats.to_dict(), metrics
+    return metrics
 
 
 def hapo_advantage(inputs: AdvantageInputs, options: HAPOAdvantageConfig):
@@ -126,7 +131,7 @@ def hapo_advantage(inputs: AdvantageInputs, options: HAPOAdvantageConfig):
            summary="Entropy-aware clipping and advantage redistribution per token; TLGA advantage; adaptive "
                    "sampling temperature.",
            loss_options=HAPOLossOptions, loss_needs=hapo_loss_needs, advantage=hapo_advantage,
-           estimator_options=HAPOAdvantageConfig, batch_stats=hapo_batch_stats, rollout_entropy_stats=True,
+           estimator_options=HAPOAdvantageConfig, batch_stats=hapo_batch_stats, batch_metrics=hapo_batch_metrics, rollout_entropy_stats=True,
            sampling_options=AdaptiveTemperatureOptions)
 def hapo_loss(inputs: LossInputs, options: HAPOLossOptions):
     """HAPO's loss: ĥ from ``inputs.entropy`` and the batch statistics (computed over the tokens passed in when

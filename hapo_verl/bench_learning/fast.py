@@ -404,7 +404,7 @@ class FastRun:
             hooks.setdefault(spec.name, (spec, self.loss_options if spec is self.loss_spec else spec.loss_options()))
         view = registry.OldPolicyBatch(response_mask=batch["mask"], entropy=batch["entropy"],
                                        old_log_prob=batch["old_log_prob"])
-        return {name: spec.batch_stats(view, options)[0] for name, (spec, options) in hooks.items()}
+        return {name: spec.batch_stats(view, options) for name, (spec, options) in hooks.items()}
 
     def step(self) -> dict:
         from hapo_verl.algorithms.entropy import EntropyStats

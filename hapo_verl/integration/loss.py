@@ -140,7 +140,7 @@ def compute_policy_loss(
         old = registry.OldPolicyBatch(response_mask=response_mask.bool(),
                                       entropy=None if entropy is None else entropy.detach(),
                                       old_log_prob=old_log_prob.detach())
-        batch_stats, _ = spec.batch_stats(old, options)
+        batch_stats = spec.batch_stats(old, options)
     return run_loss(spec, options, old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
                     response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config, entropy=entropy,
                     rollout_is_weights=rollout_is_weights, batch_stats=batch_stats)

@@ -181,9 +181,10 @@ class HAPOTrainerSync(PPOTrainerSync):
         view = registry.OldPolicyBatch(response_mask=old["response_mask"], entropy=old["entropy"],
                                        old_log_prob=old["old_log_probs"])
         for spec, options in self.plan.batch_stats_hooks():
-            stats, hook_metrics = spec.batch_stats(view, options)
+            stats = spec.batch_stats(view, options)
             self.batch_stats[spec.name] = stats
-            metrics.update(hook_metrics)
+            if spec.batch_metrics is not None:
+                metrics.update(spec.batch_metrics(view, options, stats))
         if self.plan.adaptive_temperature:
             sent_stats = self.hapo_rollout_stats  # what this step's requests carried (None at step 1)
             self.hapo_rollout_stats = EntropyStats.from_dict(self.batch_stats[self.plan.sampling_spec.name])
@@ -236,9 +237,9 @@ class HAPOTrainerSync(PPOTrainerSync):
     # ---------------------------------------------------------------- 3. estimator with what it needs
     def _compute_advantage(self, batch, metrics: dict):
         spec = self.plan.estimator_spec
+        old, self._old_policy = self._old_policy or {}, None  # the step's last use of the old-policy tensors
         if spec is None:
             return super()._compute_advantage(batch, metrics)
-        old = self._old_policy or {}
         estimator_glue.LAST_METRICS.clear()
         with estimator_glue.estimator_inputs(old_log_prob=old.get("old_log_probs"), entropy=old.get("entropy"),
                                              batch_stats=self.batch_stats.get(spec.name)):
@@ -246,7 +247,6 @@ class HAPOTrainerSync(PPOTrainerSync):
         for key, value in estimator_glue.LAST_METRICS.items():
             if isinstance(value, float) and math.isfinite(value):
                 metrics[key] = value
-        self._old_policy = None
         return batch
 
     # ---------------------------------------------------------------- 4. batch statistics to the workers
