@@ -17,6 +17,8 @@ from hapo_verl.registration import ensure_registered
 
 CONFIG_PACKAGE = "hapo_verl.conf"
 AGENT_LOOP = "hapo_single_turn"
+#: rollouts that apply adaptive temperature: vLLM (logits processor) and the CPU rollout
+ADAPTIVE_TEMPERATURE_ROLLOUTS = ("vllm", "hfcpu")
 
 
 def config_names() -> list[str]:
@@ -63,10 +65,23 @@ def _translate_legacy_loss(policy_loss) -> None:
     policy_loss.loss_mode = owners[0].name
 
 
+def _check_rollout_and_trainer(config) -> None:
+    """What verl would only reject (or silently ignore) after Ray started."""
+    rollout = config.actor_rollout_ref.rollout
+    if OmegaConf.is_missing(rollout, "name"):
+        raise ValueError("actor_rollout_ref.rollout.name is not set: use vllm on GPU machines "
+                         "(pip install 'hapo-verl[vllm]'), or hfcpu on CPU (hapo-verl tiny sets it)")
+    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync")
+    if mode != "sync":
+        raise ValueError(f"trainer.v1.trainer_mode={mode} is not supported: hapo-verl's trainer extends verl's "
+                         "synchronous trainer; use trainer.v1.trainer_mode=sync")
+
+
 def prepare_config(config) -> None:
     """Fill launcher-owned keys and check every algorithm option before any Ray process starts."""
     from hapo_verl.trainer.hapo_trainer import StepPlan
 
+    _check_rollout_and_trainer(config)
     with open_dict(config):
         policy_loss = config.actor_rollout_ref.actor.policy_loss
         _translate_legacy_loss(policy_loss)
@@ -86,13 +101,25 @@ def prepare_config(config) -> None:
             policy_loss._target_ = target
         LOSS_CONFIG_CLASSES[target.rsplit(".", 1)[1]].from_mapping(OmegaConf.to_container(policy_loss, resolve=True))
     _check_reference_compat(config, plan)
+    if plan.needs_old_policy or plan.loss_needs & {registry.OLD_ENTROPY}:
+        if OmegaConf.select(config, "algorithm.rollout_correction.bypass_mode", default=False):
+            raise ValueError(
+                "algorithm.rollout_correction.bypass_mode=true skips verl's old-log-prob step, which computes the "
+                "old-policy entropy and log-probs this configuration needs (the loss, estimator or adaptive "
+                "temperature): set algorithm.rollout_correction.bypass_mode=false")
     sampling = plan.sampling
+    rollout_name = config.actor_rollout_ref.rollout.name
+    if sampling.adaptive_temperature and rollout_name not in ADAPTIVE_TEMPERATURE_ROLLOUTS:
+        raise ValueError(
+            f"{plan.sampling_spec.name}.adaptive_temperature=true needs a rollout that applies it "
+            f"({', '.join(ADAPTIVE_TEMPERATURE_ROLLOUTS)}); with actor_rollout_ref.rollout.name={rollout_name} the "
+            f"temperature would never change: set {plan.sampling_spec.name}.adaptive_temperature=false or use vllm")
     if sampling.adaptive_temperature and config.actor_rollout_ref.rollout.agent.get("default_agent_loop") != AGENT_LOOP:
         raise ValueError(
             f"{plan.sampling_spec.name}.adaptive_temperature=true needs "
             f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP} (the agent loop that sends the entropy "
             "statistics to the sampler)")
-    if sampling.adaptive_temperature and config.actor_rollout_ref.rollout.name == "vllm":
+    if sampling.adaptive_temperature and rollout_name == "vllm":
         from hapo_verl.vllm import processor_fqcn
 
         with open_dict(config):
@@ -132,9 +159,7 @@ class HAPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
 
         from hapo_verl.trainer.hapo_trainer import HAPOTrainerSync
 
-        if config.trainer.v1.trainer_mode != "sync":
-            raise ValueError("hapo-verl supports trainer.v1.trainer_mode=sync (verl's default)")
-        trainer_base.TRAINER_REGISTRY["sync"] = HAPOTrainerSync
+        trainer_base.TRAINER_REGISTRY["sync"] = HAPOTrainerSync  # the launcher refused every other mode
         return super().run(config)
 
 

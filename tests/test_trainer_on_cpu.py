@@ -80,6 +80,11 @@ class TestConfig:
             ("actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent",
              r"default_agent_loop=hapo_single_turn"),
             ("actor_rollout_ref.rollout.n=1", r"actor_rollout_ref\.rollout\.n must be >= 2, got 1"),
+            ("algorithm.rollout_correction.bypass_mode=true",
+             r"algorithm\.rollout_correction\.bypass_mode=true skips .* set algorithm\.rollout_correction\.bypass_mode=false"),
+            ("actor_rollout_ref.rollout.name=sglang",
+             r"hapo\.adaptive_temperature=true needs a rollout that applies it .*rollout\.name=sglang"),
+            ("trainer.v1.trainer_mode=async", r"trainer\.v1\.trainer_mode=async is not supported"),
         ],
     )
     def test_mistakes_stop_at_start_up_naming_the_key(self, override, pattern):
@@ -87,6 +92,18 @@ class TestConfig:
 
         with pytest.raises(ValueError, match=pattern):
             prepare_config(compose("hapo", BASE + [override]))
+
+    def test_missing_rollout_name_is_one_line_not_a_hydra_traceback(self):
+        from hapo_verl.launcher import prepare_config
+
+        base = [o for o in BASE if not o.startswith("actor_rollout_ref.rollout.name=")]
+        with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.name is not set: use vllm .* or hfcpu"):
+            prepare_config(compose("hapo", base))
+
+    def test_bypass_mode_is_fine_for_what_needs_no_old_policy(self):
+        from hapo_verl.launcher import prepare_config
+
+        prepare_config(compose("dapo", BASE + ["algorithm.rollout_correction.bypass_mode=true"]))
 
     def test_vllm_rollout_gets_the_logits_processor(self):
         pytest.importorskip("hapo_verl.vllm")
