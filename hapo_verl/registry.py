@@ -316,6 +316,33 @@ def get(name: str) -> AlgorithmSpec | None:
     return discover().get(name)
 
 
+def rollout_stats_spec() -> AlgorithmSpec:
+    """The spec whose batch statistics adaptive temperature sends to the rollout (and whose top-level section
+    configures it)."""
+    found = [s for s in specs() if s.rollout_entropy_stats and s.sampling_options is not None]
+    if len(found) != 1:
+        raise RuntimeError(f"exactly one algorithm must provide the rollout's entropy statistics, found {found}")
+    return found[0]
+
+
+def batch_stats_hooks(loss_spec, loss_options, estimator_spec, estimator_options,
+                      rollout_spec=None) -> list[tuple[AlgorithmSpec, object]]:
+    """(spec, options) of every batch-statistics hook one step runs, each once: the loss's and the estimator's
+    when they need batch statistics, and ``rollout_spec``'s when adaptive temperature is on. A hook gets its
+    spec's loss options when that loss is the active one, else the defaults."""
+    def options_of(spec):
+        return loss_options if spec is loss_spec else spec.loss_options()
+
+    hooks: dict[str, tuple] = {}
+    if loss_spec is not None and BATCH_STATS in loss_spec.needs_of_loss(loss_options):
+        hooks[loss_spec.name] = (loss_spec, loss_options)
+    if estimator_spec is not None and BATCH_STATS in estimator_spec.needs_of_estimator(estimator_options):
+        hooks.setdefault(estimator_spec.name, (estimator_spec, options_of(estimator_spec)))
+    if rollout_spec is not None:
+        hooks.setdefault(rollout_spec.name, (rollout_spec, options_of(rollout_spec)))
+    return list(hooks.values())
+
+
 def loss_specs() -> dict[str, AlgorithmSpec]:
     return {n: s for n, s in discover().items() if s.loss is not None}
 
@@ -327,6 +354,6 @@ def estimator_specs() -> dict[str, AlgorithmSpec]:
 __all__ = [
     "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "LossInputs", "NEEDS", "OLD_ENTROPY",
     "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
-    "estimator_specs", "get", "load_options", "loss_specs", "option", "option_defaults", "register_algorithm",
+    "batch_stats_hooks", "estimator_specs", "get", "load_options", "rollout_stats_spec", "loss_specs", "option", "option_defaults", "register_algorithm",
     "specs", "validate_options",
 ]

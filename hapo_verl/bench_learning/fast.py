@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
 from hapo_verl.tinyworld.reversed_addition import Codec, ProblemSampler, TaskConfig, answer_text, heldout_problems
 
 @dataclass(frozen=True)
@@ -226,7 +227,14 @@ class FastRun:
         self.estimator_spec = registry.get(method.estimator)
         if self.estimator_spec is not None and self.estimator_spec.advantage is None:
             self.estimator_spec = None
-        self.sampling_spec = next((s for s in registry.specs() if s.rollout_entropy_stats), None)
+        self.estimator_config = self.estimator_options = None  # verl's algorithm config, and the options in it
+        if self.estimator_spec is not None:
+            from hapo_verl.integration.options import estimator_options
+
+            spec = self.estimator_spec
+            self.estimator_config = {spec.name: _with_switch(spec.estimator_options, method)}
+            self.estimator_options = estimator_options(spec, self.estimator_config)
+        self.sampling_spec = registry.rollout_stats_spec() if method.temperature_tau > 0 else None
         self.opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay,
                                      betas=(0.9, 0.999))
         self.prev_stats = None  # entropy statistics of the previous step (adaptive temperature)
@@ -315,11 +323,10 @@ class FastRun:
         index = np.array(batch["uid"], dtype=object)
         spec = self.estimator_spec
         if spec is not None:
-            options = {spec.name: _with_switch(spec.estimator_options, self.method)}
             with estimator_inputs(old_log_prob=batch["old_log_prob"], entropy=batch["entropy"],
                                   batch_stats=batch_stats.get(spec.name)):
                 adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"],
-                                     index=index, config=options)
+                                     index=index, config=self.estimator_config)
         else:
             adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"], index=index,
                                  epsilon=1e-6, norm_adv_by_std_in_grpo=True, config=None)
@@ -334,8 +341,6 @@ class FastRun:
         logits = self.model(input_ids=torch.cat([prompts, tokens], 1)).logits[:, P - 1:P + L - 1].float()
         temps = batch["temperature"][rows]
         logp = torch.log_softmax(logits / temps[..., None], -1).gather(-1, tokens[..., None])[..., 0]
-        from hapo_verl.registry import CURRENT_ENTROPY
-
         if CURRENT_ENTROPY not in self.loss_needs:  # e.g. only HAPO's fork mode uses the current policy's entropy
             return logp, None
         with torch.no_grad():
@@ -344,7 +349,6 @@ class FastRun:
 
     def update(self, batch: dict, adv: torch.Tensor, batch_stats: dict) -> dict:
         from hapo_verl.integration.loss import compute_policy_loss
-        from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
 
         rl, m = self.rl, self.method
         B = batch["mask"].shape[0]
@@ -393,18 +397,11 @@ class FastRun:
         statistics: each spec's hook once over the whole batch, as the trainer does."""
         from hapo_verl import registry
 
-        hooks = {}
-        if self.loss_spec is not None and registry.BATCH_STATS in self.loss_needs:
-            hooks[self.loss_spec.name] = (self.loss_spec, self.loss_options)
-        spec = self.estimator_spec
-        if spec is not None and registry.BATCH_STATS in spec.needs_of_estimator(spec.estimator_options()):
-            hooks.setdefault(spec.name, (spec, self.loss_options if spec is self.loss_spec else spec.loss_options()))
-        if self.method.temperature_tau > 0 and self.sampling_spec is not None:
-            spec = self.sampling_spec
-            hooks.setdefault(spec.name, (spec, self.loss_options if spec is self.loss_spec else spec.loss_options()))
+        hooks = registry.batch_stats_hooks(self.loss_spec, self.loss_options, self.estimator_spec,
+                                           self.estimator_options, self.sampling_spec)
         view = registry.OldPolicyBatch(response_mask=batch["mask"], entropy=batch["entropy"],
                                        old_log_prob=batch["old_log_prob"])
-        return {name: spec.batch_stats(view, options) for name, (spec, options) in hooks.items()}
+        return {spec.name: spec.batch_stats(view, options) for spec, options in hooks}
 
     def step(self) -> dict:
         from hapo_verl.algorithms.entropy import EntropyStats
@@ -418,7 +415,7 @@ class FastRun:
         batch_stats = self.batch_stats(batch)
         adv = self.advantages(batch, tlr, batch_stats)
         metrics = self.update(batch, adv, batch_stats)
-        if self.method.temperature_tau > 0 and self.sampling_spec is not None:
+        if self.sampling_spec is not None:
             # the next step's sampler uses this step's statistics
             self.prev_stats = EntropyStats.from_dict(batch_stats[self.sampling_spec.name])
         lengths = mask.sum(1)

@@ -43,14 +43,6 @@ STATE_FILE = "hapo_state.json"
 OLD_POLICY_FIELDS = ("old_log_probs", "entropy", "response_mask")
 
 
-def sampling_spec() -> registry.AlgorithmSpec:
-    """The spec whose batch statistics adaptive temperature sends to the rollout."""
-    found = [s for s in registry.specs() if s.rollout_entropy_stats and s.sampling_options is not None]
-    if len(found) != 1:
-        raise RuntimeError(f"exactly one algorithm must provide the rollout's entropy statistics, found {found}")
-    return found[0]
-
-
 @dataclass
 class StepPlan:
     """What the trainer does for the configured algorithms, read once from verl's config and validated."""
@@ -67,7 +59,7 @@ class StepPlan:
         actor = config.actor_rollout_ref.actor
         loss_spec = active_loss_spec(actor)
         estimator_spec = active_estimator_spec(config.algorithm)
-        sampler = sampling_spec()
+        sampler = registry.rollout_stats_spec()
         plan = cls(
             loss_spec=loss_spec,
             loss_options=None if loss_spec is None else loss_options(loss_spec, actor.policy_loss),
@@ -103,18 +95,9 @@ class StepPlan:
 
     def batch_stats_hooks(self) -> list[tuple[registry.AlgorithmSpec, object]]:
         """(spec, options) of every batch-statistics hook to run this step, each once."""
-        hooks: dict[str, tuple] = {}
-        if self.loss_spec is not None and registry.BATCH_STATS in self.loss_needs:
-            hooks[self.loss_spec.name] = (self.loss_spec, self.loss_options)
-        if self.estimator_spec is not None and registry.BATCH_STATS in self.estimator_needs:
-            options = self.loss_options if self.loss_spec is self.estimator_spec else \
-                self.estimator_spec.loss_options()
-            hooks.setdefault(self.estimator_spec.name, (self.estimator_spec, options))
-        if self.adaptive_temperature:
-            spec = self.sampling_spec
-            options = self.loss_options if self.loss_spec is spec else spec.loss_options()
-            hooks.setdefault(spec.name, (spec, options))
-        return list(hooks.values())
+        return registry.batch_stats_hooks(self.loss_spec, self.loss_options, self.estimator_spec,
+                                          self.estimator_options,
+                                          self.sampling_spec if self.adaptive_temperature else None)
 
     @property
     def needs_old_policy(self) -> bool:
