@@ -1,19 +1,108 @@
 #!/usr/bin/env bash
 # Join a worker node to the hapo-verl Ray cluster started by scripts/ray_head.sh.
 #
-#   bash scripts/ray_worker.sh HEAD_IP           (or HEAD_ADDRESS=HEAD_IP:6379)
-#   NUM_GPUS=8 bash scripts/ray_worker.sh HEAD_IP
-#   bash scripts/ray_worker.sh HEAD_IP --dry-run  # print the command only
+#   bash scripts/ray_worker.sh HEAD_IP[:PORT] [--dry-run] [--no-auth]     (flags in any position)
+#   HEAD_ADDRESS=10.0.0.1:6379 NUM_GPUS=8 bash scripts/ray_worker.sh
 #
+# The worker uses the head's token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) and needs the head's
+# token: copy the head's ~/.ray/auth_token to ~/.ray/auth_token here, or point RAY_AUTH_TOKEN_PATH at a copy
+# on shared storage, or set RAY_AUTH_TOKEN.
+#
+#   --dry-run   print the command (with the environment it gets) and run nothing
+#   --no-auth   join a head started with --no-auth (RAY_AUTH_MODE=disabled); prints a warning
+#
+# Environment: HEAD_ADDRESS (when no HEAD argument is given), RAY_PORT (6379, when HEAD has no port), NUM_GPUS
+# (default: the GPUs listed by `nvidia-smi -L`; without nvidia-smi, --num-gpus is left out and Ray detects the
+# GPUs itself), NODE_IP (this node's cluster address, passed as --node-ip-address; default: Ray picks it),
+# RAY (the ray executable, default: ray), RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (read by Ray), RAY_AUTH_MODE
+# (must be unset or token unless --no-auth).
 # The node needs the same software image as the head (verl 0.9.1, vLLM 0.24.0, torch) and, for the recipes'
 # data, the path in $HAPO_DATA_DIR on shared storage. See docs/gpu_cluster.md.
 set -euo pipefail
-HEAD="${1:-${HEAD_ADDRESS:-}}"
-if [[ -z "$HEAD" ]]; then echo "usage: $0 HEAD_IP[:PORT] [--dry-run]" >&2; exit 2; fi
-[[ "$HEAD" == *:* ]] || HEAD="${HEAD}:${RAY_PORT:-6379}"
-NUM_GPUS="${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)}"
+PROG="ray_worker.sh"
+die() { echo "$PROG: error: $*" >&2; exit 2; }
+warn() { echo "$PROG: WARNING: $*" >&2; }
+note() { echo "$PROG: $*" >&2; }
+show() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
+usage() { echo "usage: $PROG HEAD_IP[:PORT] [--dry-run] [--no-auth]   (or HEAD_ADDRESS=HEAD_IP:PORT $PROG)" >&2; }
+
+DRY_RUN=0 AUTH=1 HEAD=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --no-auth) AUTH=0 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) usage; die "unknown option '$1' (allowed: --dry-run, --no-auth)" ;;
+    *) [[ -z "$HEAD" ]] || { usage; die "one head address expected, got '$HEAD' and '$1'"; }
+       HEAD="$1" ;;
+  esac
+  shift
+done
+HEAD="${HEAD:-${HEAD_ADDRESS:-}}"
+if [[ -z "$HEAD" ]]; then usage; exit 2; fi
+RAY_PORT="${RAY_PORT:-6379}"
+[[ "$RAY_PORT" =~ ^[0-9]+$ ]] || die "RAY_PORT must be a port number, got '$RAY_PORT'"
+[[ "$HEAD" == *:* ]] || HEAD="${HEAD}:${RAY_PORT}"
 RAY="${RAY:-ray}"
-cmd=("$RAY" start --address="$HEAD" --num-gpus="$NUM_GPUS" --disable-usage-stats)
-echo "+ ${cmd[*]}"
-if [[ "${2:-}" == "--dry-run" ]]; then exit 0; fi
-"${cmd[@]}"
+
+gpu_args=()
+if [[ -n "${NUM_GPUS:-}" ]]; then
+  [[ "$NUM_GPUS" =~ ^[0-9]+$ ]] || die "NUM_GPUS must be a whole number of GPUs (0 for none), got '$NUM_GPUS'"
+  gpu_args=(--num-gpus="$NUM_GPUS")
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  listing="$(nvidia-smi -L 2>&1)" || die "'nvidia-smi -L' failed ($listing): set NUM_GPUS"
+  gpu_args=(--num-gpus="$(grep -c '^GPU ' <<<"$listing" || true)")
+else
+  note "nvidia-smi not found and NUM_GPUS unset: --num-gpus left out, Ray detects the GPUs itself (set NUM_GPUS to give the count, 0 for none)"
+fi
+node_args=()
+if [[ -n "${NODE_IP:-}" ]]; then node_args=(--node-ip-address="$NODE_IP"); fi
+
+TOKEN_SOURCE="" TOKEN_FILE="${HOME:-~}/.ray/auth_token"
+find_token() {  # Ray's order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token; sets TOKEN_SOURCE
+  if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then TOKEN_SOURCE="the RAY_AUTH_TOKEN environment variable"; return 0; fi
+  if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    [[ -s "$RAY_AUTH_TOKEN_PATH" && -r "$RAY_AUTH_TOKEN_PATH" ]] \
+      || die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is not a readable, non-empty file (Ray refuses to start with it)"
+    TOKEN_SOURCE="$RAY_AUTH_TOKEN_PATH (RAY_AUTH_TOKEN_PATH)"; return 0
+  fi
+  if [[ -s "$TOKEN_FILE" ]]; then TOKEN_SOURCE="$TOKEN_FILE"; return 0; fi
+  return 1
+}
+NO_TOKEN="no Ray auth token on this node: copy the head's token here (scp HEAD:.ray/auth_token $TOKEN_FILE), or set RAY_AUTH_TOKEN_PATH to a copy on shared storage; --no-auth only for a head started with --no-auth"
+if (( AUTH )); then
+  if [[ -n "${RAY_AUTH_MODE:-}" && "$RAY_AUTH_MODE" != "token" ]]; then
+    die "RAY_AUTH_MODE=$RAY_AUTH_MODE is set in the environment, but this script joins with token authentication (RAY_AUTH_MODE=token): unset RAY_AUTH_MODE, or pass --no-auth to join a head started with --no-auth"
+  fi
+  ray_env=(RAY_AUTH_MODE=token)
+  if find_token; then
+    note "token: $TOKEN_SOURCE"
+  elif (( DRY_RUN )); then
+    warn "$NO_TOKEN"
+  else
+    die "$NO_TOKEN"
+  fi
+else
+  ray_env=(RAY_AUTH_MODE=disabled)
+  warn "--no-auth: joining a Ray cluster that runs WITHOUT authentication: anyone who reaches the head's ports can run any code on every node, this one included."
+fi
+
+cmd=("$RAY" start --address="$HEAD" "${node_args[@]}" "${gpu_args[@]}" --disable-usage-stats)
+if (( DRY_RUN )); then
+  show "${ray_env[@]}" "${cmd[@]}"
+  note "--dry-run: nothing was started"
+  exit 0
+fi
+if (( AUTH )); then  # token authentication exists from Ray 2.52 on
+  version_text="$("$RAY" --version 2>&1 || true)"
+  if [[ "$version_text" =~ version[[:space:]]+([0-9]+)\.([0-9]+) ]]; then
+    major="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}"
+    if (( major < 2 || (major == 2 && minor < 52) )); then
+      die "token authentication (RAY_AUTH_MODE=token) needs Ray >= 2.52, '$RAY --version' says: $version_text. Upgrade Ray on every node (pip install -U 'ray[default]>=2.52'), or pass --no-auth (no authentication: not recommended)"
+    fi
+  else
+    die "cannot read the Ray version from '$RAY --version' ($version_text); token authentication needs Ray >= 2.52"
+  fi
+fi
+echo "+ $(show "${ray_env[@]}" "${cmd[@]}")"
+env "${ray_env[@]}" "${cmd[@]}"
