@@ -1,19 +1,7 @@
-"""The ``hapo-verl`` command. A leaf: nothing in hapo_verl imports it.
+"""The ``hapo-verl`` command: one subcommand per job (:data:`COMMANDS`). A leaf: nothing in hapo_verl imports it.
 
-    hapo-verl [train] [--config-name NAME] key=value ...        verl's trainer with hapo-verl (Hydra overrides);
-                                                             NAME: a config of hapo_verl/conf (hapo, dapo, one
-                                                             per registered algorithm)
-    hapo-verl tiny [--config NAME] [--steps N] [key=value ...]
-                                                             a tiny run on this machine's CPU through
-                                                             verl's real trainer (model, data, reward made
-                                                             locally at first run)
-    hapo-verl train --recipe NAME [--recipes-dir DIR] [key=value ...]
-                                                             a recipe of recipes/ (docs/recipes.md)
-    hapo-verl recipes                                        list the recipes
-    hapo-verl prepare-data [--out DIR] [--source SET=FILE]   DAPO-Math-17k + eval sets -> verl parquet
-    hapo-verl compare RUN [RUN ...] [--out DIR]              plots + Markdown table from verl's logs
-    hapo-verl submit --recipe NAME [--address URL] [--dry-run] [key=value ...]
-                                                             a recipe as a Ray job (docs/gpu_cluster.md)
+``hapo-verl`` and ``hapo-verl --help`` list the subcommands; ``hapo-verl COMMAND --help`` shows one's options.
+A first argument that is a Hydra override (``key=value``, ``--config-name``) means ``train``, as before.
 """
 
 from __future__ import annotations
@@ -23,9 +11,51 @@ import os
 import sys
 import time
 
+#: subcommand -> (one line, an example). The order is the order of ``hapo-verl --help``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny": ("a tiny run on this machine's CPU through verl's real trainer (model and data made locally)",
+             "hapo-verl tiny --config dapo --steps 4"),
+    "train": ("verl's trainer with hapo-verl: a config of hapo_verl/conf or a recipe, plus key=value overrides",
+              "hapo-verl train --config-name hapo data.train_files=train.parquet ..."),
+    "recipes": ("list the recipes (recipes/*.yaml)", "hapo-verl recipes"),
+    "prepare-data": ("DAPO-Math-17k and the evaluation sets as verl parquet files",
+                     "hapo-verl prepare-data --out data/hapo"),
+    "compare": ("plots and a Markdown table from the metrics of several runs",
+                "hapo-verl compare runs/tiny/hapo runs/tiny/dapo --out runs/compare"),
+    "submit": ("send a recipe to a Ray cluster as a job (outputs under $HAPO_OUTPUT_DIR, on shared storage)",
+               "HAPO_OUTPUT_DIR=/shared/runs hapo-verl submit --recipe qwen2.5_math_7b_hapo --dry-run"),
+    "bench-learning": ("HAPO against baselines over seeds on a CPU task (learning curves, report)",
+                       "hapo-verl bench-learning --quick"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hapo-verl COMMAND [options] [key=value ...]", "",
+             "HAPO and token-entropy-aware RL algorithms on verl's trainer.", "", "commands:"]
+    for name, (summary, example) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {summary}")
+        lines.append(f"  {'':<{width}}    e.g. {example}")
+    lines += ["", "hapo-verl COMMAND --help shows a command's options. Documentation: README.md and docs/."]
+    return "\n".join(lines)
+
+
+def unknown_command(word: str) -> int:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.5)
+    hint = f", did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
+    print(f"hapo-verl: unknown subcommand {word!r}{hint} (hapo-verl --help lists them)", file=sys.stderr)
+    return 2
+
+
+def is_override(arg: str) -> bool:
+    """A Hydra command-line override: ``key=value``, ``+key=value``, ``++key=value``, ``~key``."""
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
 TINY_DEFAULTS = [
     "data.train_batch_size=8",
-    "data.val_batch_size=32",
     "actor_rollout_ref.rollout.n=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=8",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
@@ -51,6 +81,7 @@ def tiny_overrides(config_name: str, steps: int, out_dir: str, user: list[str]) 
         f"trainer.save_freq={steps}",
         f"trainer.default_local_dir={os.path.join(out_dir, 'checkpoints')}",
         f"trainer.experiment_name={config_name}",
+        "trainer.output_dir=null",  # --out decides (HAPO_OUTPUT_DIR is for train and submit)
     ]
     # the tiny task's reward is 0/1 and has no 'acc' field: dynamic sampling filters on the score; its answers
     # are short, so is the overlong buffer
@@ -95,17 +126,55 @@ def print_summary(metrics_path: str) -> None:
         print(f"{step:4d} " + "".join(cells))
 
 
-def run_tiny(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hapo-verl tiny", description="tiny HAPO/DAPO run on CPU")
-    from hapo_verl.launcher import config_names
+def tiny_parser() -> argparse.ArgumentParser:
+    from hapo_verl.conf import config_names
 
-    parser.add_argument("--config", default="hapo", choices=config_names(),
-                        help="a config of hapo_verl/conf (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", default=os.path.abspath("runs/tiny"), help="logs and checkpoints go here")
-    args, user = parser.parse_known_args(argv)
+    names = config_names()
+    parser = argparse.ArgumentParser(
+        prog="hapo-verl tiny", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="hapo-verl tiny [--config NAME] [--steps N] [--out DIR] [--verbose] [key=value ...]",
+        description="A tiny run on this machine's CPU through verl's real trainer: a small model, tokenizer and "
+                    "arithmetic task are made locally on first use. A rerun continues from the run's checkpoint; "
+                    "metrics are appended, never overwritten.",
+        epilog="configs (hapo_verl/conf): " + ", ".join(names) + "\n\n"
+               "Any verl or algorithm key can be overridden with key=value, e.g.\n"
+               "  hapo-verl tiny --config hapo hapo.temperature_tau=0.1 actor_rollout_ref.actor.optim.lr=5e-5\n"
+               "  hapo-verl tiny --steps 8        # continues runs/tiny/hapo from its last checkpoint to step 8\n"
+               "Every key, its default and range: docs/configuration.md.")
+    parser.add_argument("--config", default="hapo", choices=names, metavar="NAME",
+                        help="a config of hapo_verl/conf (default: %(default)s; list below)")
+    parser.add_argument("--steps", type=int, default=4, help="train up to this step (default: %(default)s)")
+    parser.add_argument("--out", default=os.path.abspath("runs/tiny"),
+                        help="logs and checkpoints go to OUT/NAME (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every warning of verl, Ray and torch (hidden by default when a user cannot "
+                             "act on them)")
+    return parser
+
+
+def parse_known_overrides(parser: argparse.ArgumentParser, argv: list[str]):
+    """``parser``'s options plus Hydra overrides; anything else (a mistyped option) is an error with a hint."""
+    import difflib
+
+    args, rest = parser.parse_known_args(argv)
+    for arg in rest:
+        if not is_override(arg):
+            options = [o for action in parser._actions for o in action.option_strings]
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+            parser.error(f"unknown argument {arg!r}" + (f", did you mean {close[0]}?" if close else
+                                                        " (overrides are key=value)"))
+    return args, rest
+
+
+def run_tiny(argv: list[str]) -> int:
+    parser = tiny_parser()
+    args, user = parse_known_overrides(parser, argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    from hapo_verl.console import set_console
     from hapo_verl.cpu import cpu_env
 
+    set_console(args.verbose)
     os.environ.update(cpu_env())  # before verl is imported: its platform is resolved once per process
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     run_dir = os.path.join(args.out, args.config)
@@ -117,8 +186,17 @@ def run_tiny(argv: list[str]) -> int:
 
     config = compose(args.config, tiny_overrides(args.config, args.steps, run_dir, user))
 
+    from hapo_verl.launcher import resume_step
+
+    done = resume_step(config)
+    if done is not None and done >= args.steps:
+        print(f"[hapo-verl] nothing to train: {run_dir} already has {done} steps (--steps {args.steps}); its "
+              f"summary is below. --steps {done + args.steps} continues it, --out DIR starts a new run.")
+        print_summary(metrics_path)
+        return 0
     start = time.time()
-    print(f"[hapo-verl] tiny {args.config} run on CPU: {args.steps} steps, output in {run_dir}", flush=True)
+    what = f"steps {done + 1}..{args.steps} (resuming from its checkpoint)" if done else f"{args.steps} steps"
+    print(f"[hapo-verl] tiny {args.config} run on CPU: {what}, output in {run_dir}", flush=True)
     run(config)
     elapsed = time.time() - start
     print_summary(metrics_path)
@@ -126,6 +204,13 @@ def run_tiny(argv: list[str]) -> int:
     print(f"[hapo-verl] metrics log (JSONL): {metrics_path}")
     print(f"[hapo-verl] checkpoint: {config.trainer.default_local_dir}/global_step_{args.steps}")
     return 0
+
+
+def _pop_flag(argv: list[str], name: str) -> bool:
+    """Remove every ``name`` from argv; True when there was one."""
+    found = name in argv
+    argv[:] = [a for a in argv if a != name]
+    return found
 
 
 def _pop_option(argv: list[str], name: str) -> str | None:
@@ -167,34 +252,73 @@ def run_recipe(recipe: str, recipes_dir: str | None, overrides: list[str]) -> in
     return 0
 
 
+TRAIN_HELP = """usage: hapo-verl train [--config-name NAME | --recipe NAME [--recipes-dir DIR]] [key=value ...]
+
+Composes verl's ppo_trainer config with every key of the algorithm, checks it before Ray starts, and runs verl's
+run_ppo with hapo-verl's trainer. Hydra's own options (--cfg job, --info, -m) work as with verl's main_ppo.
+
+  --config-name NAME   a config of hapo_verl/conf (default hapo): {names}
+  --recipe NAME        a recipe of recipes/ (hapo-verl recipes lists them)
+  --recipes-dir DIR    look for the recipe there
+  --verbose            show every warning of verl, Ray and torch, and verl's config dump
+
+examples:
+  hapo-verl train data.train_files=train.parquet data.val_files=val.parquet actor_rollout_ref.model.path=MODEL \\
+      actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=8
+  hapo-verl train --config-name dapo ...        the DAPO baseline
+  hapo-verl train --recipe qwen2.5_math_7b_hapo
+  hapo-verl train --cfg job ...                 print the composed config and stop
+
+Every key, its default and range: docs/configuration.md."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tiny":
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS and not is_override(command) and not command.startswith("-"):
+        return unknown_command(command)  # an option or override first means train (Hydra), as before
+    if command == "tiny":
         return run_tiny(argv[1:])
-    if argv and argv[0] == "bench-learning":
+    if command == "bench-learning":
         from hapo_verl.bench_learning import main as bench_learning_main
 
         return bench_learning_main(argv[1:])
-    if argv and argv[0] == "compare":
+    if command == "compare":
         from hapo_verl.tools.compare import main as compare_main
 
         return compare_main(argv[1:])
-    if argv and argv[0] == "prepare-data":
+    if command == "prepare-data":
         from hapo_verl.tools.data import main as data_main
 
         return data_main(argv[1:])
-    if argv and argv[0] == "submit":
+    if command == "submit":
         from hapo_verl.tools.ray_submit import main as submit_main
 
         return submit_main(argv[1:])
-    if argv and argv[0] == "recipes":
+    if command == "recipes":
         from hapo_verl.tools.recipes import list_recipes, recipes_dir
+
+        if len(argv) > 1:
+            print("usage: hapo-verl recipes\n\nLists the recipes of recipes/ (run one with hapo-verl train --recipe "
+                  "NAME, or send it to a cluster with hapo-verl submit --recipe NAME).")
+            return 0 if argv[1] in ("-h", "--help") else 2
 
         print(f"# {recipes_dir()}")
         print("\n".join(list_recipes()))
         return 0
     if argv and argv[0] == "train":
         argv = argv[1:]
+    from hapo_verl.console import set_console
+
+    set_console(_pop_flag(argv, "--verbose"))
+    if any(a in ("-h", "--help") for a in argv):
+        from hapo_verl.conf import config_names
+
+        print(TRAIN_HELP.format(names=", ".join(config_names())))
+        return 0
     recipe = _pop_option(argv, "--recipe")
     recipes_dir = _pop_option(argv, "--recipes-dir")
     if recipe is not None:

@@ -12,19 +12,18 @@ from omegaconf import OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
 from hapo_verl import registry
+from hapo_verl.conf import config_names  # noqa: F401  (re-exported: the launcher's configs)
 from hapo_verl.config import LEGACY_LOSS_CONFIG, LOSS_KEY, LOSS_CONFIG_CLASSES, VERL_LOSS_FIELDS, loss_config_target
+from hapo_verl.integration.verl_losses import check_verl_loss_keys
 from hapo_verl.registration import ensure_registered
 
 CONFIG_PACKAGE = "hapo_verl.conf"
 AGENT_LOOP = "hapo_single_turn"
 #: rollouts that apply adaptive temperature: vLLM (logits processor) and the CPU rollout
 ADAPTIVE_TEMPERATURE_ROLLOUTS = ("vllm", "hfcpu")
-
-
-def config_names() -> list[str]:
-    """The primary configs of ``hapo_verl/conf`` (``--config-name`` / ``hapo-verl tiny --config``)."""
-    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir()
-                  if p.name.endswith(".yaml") and p.is_file())
+#: verl 0.9.1's estimators that compare the responses of each prompt (their functions take the group ``index``)
+VERL_GROUP_ESTIMATORS = ("grpo", "grpo_vectorized", "grpo_passk", "gdpo", "rloo", "rloo_vectorized", "opo", "gpg",
+                         "reinforce_plus_plus_baseline", "optimal_token_baseline", "tir_optimal_token_baseline")
 
 
 def agent_loop_config_path() -> str:
@@ -88,13 +87,9 @@ def prepare_config(config) -> None:
         agent = config.actor_rollout_ref.rollout.agent
         if agent.get("default_agent_loop") == AGENT_LOOP and not agent.get("agent_loop_config_path"):
             agent.agent_loop_config_path = agent_loop_config_path()
+    check_verl_loss_keys(config.actor_rollout_ref.actor.policy_loss, LOSS_KEY)  # verl's clip_cov / kl_cov keys
     plan = StepPlan.from_config(config)
-    spec = plan.estimator_spec
-    n = config.actor_rollout_ref.rollout.get("n", 1)
-    if spec is not None and spec.needs_groups and not (isinstance(n, int) and n >= 2):
-        raise ValueError(f"algorithm.adv_estimator={spec.name} compares the responses of each prompt: "
-                         f"actor_rollout_ref.rollout.n must be >= 2, got {n!r} (with one response per prompt every "
-                         "advantage is 0)")
+    _check_group_size(config, plan.estimator_spec)
     if plan.loss_spec is not None:
         target = loss_config_target(plan.loss_spec)
         with open_dict(config):
@@ -133,6 +128,16 @@ def prepare_config(config) -> None:
                                      "logits_processors": processors}
 
 
+def _check_group_size(config, spec) -> None:
+    estimator = str(config.algorithm.adv_estimator)
+    needs_groups = spec.needs_groups if spec is not None else estimator in VERL_GROUP_ESTIMATORS
+    n = config.actor_rollout_ref.rollout.get("n", 1)
+    if needs_groups and not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"algorithm.adv_estimator={estimator} compares the responses of each prompt: "
+                         f"actor_rollout_ref.rollout.n must be >= 2, got {n!r} (with one response per prompt the "
+                         "group has nothing to compare, and the advantages lose their baseline)")
+
+
 def _check_reference_compat(config, plan) -> None:
     """The fork-compatibility switch is one decision: every ``reference_compat`` option of the active loss and
     estimator must equal the sampling section's (the shipped YAMLs link them)."""
@@ -157,6 +162,11 @@ class HAPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
         ensure_registered()
         from verl.trainer.ppo.v1 import trainer_base
 
+        from hapo_verl.patches import shim_module
+
+        shim_module("file_logger_append").apply()  # a rerun or resume appends to the metrics log
+        shim_module("quiet_config_dump").apply()
+
         from hapo_verl.trainer.hapo_trainer import HAPOTrainerSync
 
         trainer_base.TRAINER_REGISTRY["sync"] = HAPOTrainerSync  # the launcher refused every other mode
@@ -175,6 +185,83 @@ def validate(config) -> None:
         raise ValueError("hapo-verl runs on verl's v1 trainer: trainer.use_v1 must be true")
 
 
-def run(config) -> None:
+def checkpoint_dir(config) -> str:
+    """``trainer.default_local_dir`` as verl resolves it (relative to the working directory)."""
+    import os
+
+    return os.path.abspath(config.trainer.default_local_dir)
+
+
+def resume_step(config) -> int | None:
+    """The step verl will resume from (``trainer.resume_mode`` auto or resume_path); None when it starts fresh."""
+    import os
+    import re
+
+    mode = config.trainer.get("resume_mode", "auto")
+    if mode == "resume_path":
+        found = re.search(r"global_step_(\d+)", str(config.trainer.get("resume_from_path") or ""))
+        return int(found.group(1)) if found else None
+    if mode != "auto":
+        return None
+    tracker = os.path.join(checkpoint_dir(config), "latest_checkpointed_iteration.txt")
+    try:
+        with open(tracker) as f:
+            step = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return step if os.path.isdir(os.path.join(checkpoint_dir(config), f"global_step_{step}")) else None
+
+
+def nothing_left_to_train(config) -> str | None:
+    """A one-line reason when verl would resume at or past ``trainer.total_training_steps`` (and train nothing)."""
+    total = config.trainer.get("total_training_steps")
+    done = resume_step(config)
+    if total is None or done is None or done < total:
+        return None
+    return (f"nothing to train: {checkpoint_dir(config)} already has global_step_{done} and "
+            f"trainer.total_training_steps={total}; raise trainer.total_training_steps to continue, or set "
+            "trainer.default_local_dir to a new directory (or trainer.resume_mode=disable) to start over")
+
+
+def apply_output_dir(config) -> dict[str, str]:
+    """With ``trainer.output_dir`` (or ``$HAPO_OUTPUT_DIR``) set: every output path under
+    ``<output_dir>/<project>/<experiment>/`` (:func:`hapo_verl.outputs.output_layout`), as ``hapo-verl submit``
+    does; returns the environment variables of that layout (metrics JSONL, TensorBoard, ...). Unset: nothing."""
+    import os
+
+    from hapo_verl.outputs import OUTPUT_ROOT_KEY, output_layout
+
+    if not OmegaConf.select(config, OUTPUT_ROOT_KEY, default=None):
+        return {}
+    layout = output_layout(config, dict(os.environ), {})
+    with open_dict(config):
+        layout.apply(config)
+    print(f"[hapo-verl] outputs under {layout.run_dir} ({layout.root_source})", flush=True)
+    return layout.env
+
+
+def run(config) -> bool:
+    """Check ``config``, then train with verl's ``run_ppo``. False (and one line) when a rerun has nothing left to
+    train: verl would start Ray, load the checkpoint and stop."""
+    import os
+
+    from hapo_verl.console import quiet_env, verbose
+
+    output_env = apply_output_dir(config)
+    os.environ.update(output_env)
     validate(config)
+    reason = nothing_left_to_train(config)
+    if reason is not None:
+        print(f"[hapo-verl] {reason}", flush=True)
+        return False
+    with open_dict(config):  # the console policy of this process reaches every Ray worker
+        ray_init = config.ray_kwargs.ray_init
+        if ray_init.get("runtime_env") is None:
+            ray_init.runtime_env = {}
+        if ray_init.runtime_env.get("env_vars") is None:
+            ray_init.runtime_env.env_vars = {}
+        for key, value in quiet_env(verbose()).items():
+            ray_init.runtime_env.env_vars.setdefault(key, value)
+        ray_init.runtime_env.env_vars.update(output_env)
     run_ppo(config, task_runner_class=HAPOTaskRunner)
+    return True

@@ -3,7 +3,9 @@
 Each shim lives in its own module with: the reason, the upstream version it targets, and an expiry test in
 tests/test_patches_on_cpu.py that fails once upstream no longer needs it. They are applied from one place,
 :func:`apply_all`, and only by code paths that need them (the CPU backend,
-:func:`hapo_verl.cpu.registration.register_cpu_backend`); importing this package changes nothing.
+:func:`hapo_verl.cpu.registration.register_cpu_backend`); a shim every run needs is also applied by name where it
+acts (``file_logger_append`` and ``quiet_config_dump`` in :class:`hapo_verl.launcher.HAPOTaskRunner`). Importing this package changes
+nothing.
 
 Every shim module defines ``NAME``, ``REASON``, ``TARGETS`` (upstream versions it was written against),
 ``apply()`` (idempotent) and ``is_applied()``.
@@ -22,6 +24,8 @@ SHIM_MODULES: tuple[str, ...] = (
     "gloo_backend_dedup",
     "fsdp2_cpu_offload_no_pin",
     "rollout_registry",
+    "file_logger_append",
+    "quiet_config_dump",
 )
 
 _lock = threading.Lock()

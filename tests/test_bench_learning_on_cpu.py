@@ -82,3 +82,14 @@ def test_quick_report_and_plots(quick_run):
         path = quick_run / "report" / "results" / name
         assert path.is_file() and path.stat().st_size > 1000
     assert not os.path.exists(quick_run / "docs")
+
+
+def test_rerun_skips_finished_verl_runs_and_keeps_their_files(quick_run, capsys):
+    runs = quick_run / "runs" / "verl"
+    record, metrics = runs / "hapo_s0.json", runs / "hapo_s0" / "metrics.jsonl"
+    before = (record.read_text(), metrics.read_text())
+    common = ["--quick", "--out", str(quick_run / "runs"), "--cache", str(quick_run / "cache"), "--jobs", "1"]
+    assert main(common + ["--engine", "verl"]) == 0
+    assert "verl hapo s0: record exists, skipped" in capsys.readouterr().out
+    assert (record.read_text(), metrics.read_text()) == before
+    assert (quick_run / "runs" / "results.md").exists()  # the default report goes under --out, not docs/

@@ -7,13 +7,15 @@ Targets: verl 0.9.1, torch 2.13.0 (see each module's TARGETS).
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import hapo_verl.patches as patches
-from hapo_verl.patches import fsdp2_cpu_offload_no_pin, gloo_backend_dedup, rollout_registry
+from hapo_verl.patches import (file_logger_append, fsdp2_cpu_offload_no_pin, gloo_backend_dedup, quiet_config_dump,
+                               rollout_registry)
 
 
 @pytest.fixture
@@ -153,3 +155,63 @@ def test_rollout_registry_fixes_it():
         finally:
             rollout_registry.ENTRIES.clear()
             rollout_registry.ENTRIES.update(original)
+
+
+# ------------------------------------------------------------------------------------ file logger append
+def _log_twice(logger_class, path, monkeypatch):
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
+    for attempt, steps in enumerate(((1, 2), (3,))):
+        logger = logger_class("project", "experiment")
+        for step in steps:
+            logger.log({"attempt": attempt}, step=step)
+        logger.finish()
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_file_logger_append_still_needed(tmp_path, monkeypatch):
+    from verl.utils import tracking
+
+    original = file_logger_append.ORIGINAL or tracking.FileLogger
+    # verl's own logger: the second attempt (a rerun or resume) empties the first attempt's records
+    assert _log_twice(original, tmp_path / "metrics.jsonl", monkeypatch) == [3]
+
+
+def test_file_logger_append_fixes_it(tmp_path, monkeypatch):
+    from verl.utils import tracking
+
+    file_logger_append.apply()
+    file_logger_append.apply()
+    assert file_logger_append.is_applied() and issubclass(tracking.FileLogger, file_logger_append.ORIGINAL)
+    assert tracking.FileLogger.__bases__ == (file_logger_append.ORIGINAL,)  # not wrapped twice
+    assert _log_twice(tracking.FileLogger, tmp_path / "metrics.jsonl", monkeypatch) == [1, 2, 3]
+    # without VERL_FILE_LOGGER_PATH: verl's <root>/<project>/<experiment>.jsonl
+    monkeypatch.delenv("VERL_FILE_LOGGER_PATH")
+    monkeypatch.setenv("VERL_FILE_LOGGER_ROOT", str(tmp_path / "root"))
+    logger = tracking.FileLogger("p", "e")
+    logger.log({"x": 1.0}, step=1)
+    logger.finish()
+    assert (tmp_path / "root" / "p" / "e.jsonl").read_text().count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------- quiet config dump
+def test_quiet_config_dump_still_needed():
+    from verl.trainer import main_ppo
+
+    source = inspect.getsource(main_ppo.TaskRunnerV1.__ray_actor_class__.run)
+    assert "pprint(OmegaConf.to_container(config, resolve=True))" in source
+
+
+def test_quiet_config_dump_fixes_it(monkeypatch, capsys):
+    from verl.trainer import main_ppo
+
+    quiet_config_dump.apply()
+    quiet_config_dump.apply()
+    assert quiet_config_dump.is_applied() and quiet_config_dump.ORIGINAL is not main_ppo.pprint
+    config = {f"section{i}": {"key": i} for i in range(3)}
+    monkeypatch.setenv("HAPO_VERL_VERBOSE", "0")
+    main_ppo.pprint(config)
+    quiet = capsys.readouterr().out
+    assert quiet.count("\n") == 1 and "3 sections, not printed (--verbose prints it" in quiet
+    monkeypatch.setenv("HAPO_VERL_VERBOSE", "1")
+    main_ppo.pprint(config)
+    assert "'section2': {'key': 2}" in capsys.readouterr().out

@@ -24,6 +24,17 @@ ABLATIONS = {
     "no_aac": {"actor_rollout_ref.actor.policy_loss.adaptive_clip": False},
 }
 GPU_RECIPES = [f"{m}_{v}" for m in MODELS for v in ("hapo", "dapo", *(f"hapo_{a}" for a in ABLATIONS))]
+#: the models on which every other method has a recipe beside HAPO and DAPO
+METHOD_MODELS = ("qwen2.5_math_7b", "qwen3_8b_base")
+#: configs of hapo_verl/conf that predate the per-method recipes (their recipes are GPU_RECIPES, or none yet)
+NO_METHOD_RECIPES = {"hapo", "dapo", "archer", "edge_grpo", "forking", "haepo"}
+
+
+def method_recipes() -> list[str]:
+    """``<model>_<config>`` for every config of hapo_verl/conf added since (e.g. cegppo, clip_cov)."""
+    from hapo_verl.conf import config_names
+
+    return [f"{m}_{c}" for c in config_names() if c not in NO_METHOD_RECIPES for m in METHOD_MODELS]
 #: published per-model settings (hapo_algorithm notes §8): model, max_resp, overlong buffer, sp=gen_tp, nodes
 PER_MODEL = {
     "qwen2.5_math_1.5b": ("starriver030515/Qwen2.5-Math-1.5B-16k", 10240, True, 2, 4),
@@ -54,10 +65,10 @@ def flat(config) -> dict:
 
 def test_recipe_set_is_complete():
     assert recipes_dir(RECIPES) == RECIPES.resolve()
-    assert set(list_recipes(RECIPES)) == set(GPU_RECIPES) | {"tiny_cpu"}
+    assert set(list_recipes(RECIPES)) == set(GPU_RECIPES) | set(method_recipes()) | {"tiny_cpu"}
 
 
-@pytest.mark.parametrize("name", GPU_RECIPES + ["tiny_cpu"])
+@pytest.mark.parametrize("name", GPU_RECIPES + method_recipes() + ["tiny_cpu"])
 def test_recipe_composes_and_passes_start_up_checks(name):
     config = compose_recipe(name, [], RECIPES)  # fresh: prepare_config fills launcher-owned keys
     validate(config)
@@ -141,10 +152,25 @@ def test_dapo_baseline_shares_data_lengths_batches_and_reward(model):
     assert not c.hapo.adaptive_temperature
 
 
-def test_tiny_cpu_recipe_is_what_hapo_verl_tiny_runs(tmp_path):
+@pytest.mark.parametrize("name", method_recipes())
+def test_method_recipe_shares_data_lengths_batches_optimizer_and_reward_with_dapo(name):
+    model = next(m for m in METHOD_MODELS if name.startswith(m + "_"))
+    method, dapo = flat(composed(name)), flat(composed(f"{model}_dapo"))
+    shared = ("data.", "actor_rollout_ref.model.", "actor_rollout_ref.actor.optim.", "actor_rollout_ref.actor.ppo_",
+              "actor_rollout_ref.rollout.n", "actor_rollout_ref.rollout.temperature", "reward.", "trainer.nnodes",
+              "trainer.n_gpus_per_node", "trainer.total_training_steps")
+    diff = sorted(k for k in set(method) | set(dapo) if k.startswith(shared) and method.get(k) != dapo.get(k))
+    assert diff == [], diff
+
+
+def test_tiny_cpu_recipe_is_what_hapo_verl_tiny_runs(tmp_path, monkeypatch):
     from hapo_verl.cli import tiny_overrides
+    from hapo_verl.cpu import cpu_env
     from hapo_verl.launcher import compose
 
+    # as `hapo-verl train --recipe tiny_cpu` does before composing: cpu_env() in the environment
+    monkeypatch.setenv("TQ_NUM_THREADS", cpu_env()["TQ_NUM_THREADS"])
+    composed.cache_clear()
     tiny = flat_resolved(compose("hapo", tiny_overrides("hapo", 4, str(tmp_path), [])))
     recipe = flat_resolved(composed("tiny_cpu"))
     # the run's name (and what interpolates it) and the recipe's metadata block are all that may differ

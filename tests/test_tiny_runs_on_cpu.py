@@ -48,6 +48,10 @@ def test_hapo_run_prints_progress_and_summary(hapo_run):
     assert "per-step summary" in log and "Training Progress" in log
     assert "metrics log (JSONL)" in log and "checkpoint:" in log
     assert sorted(metrics) == [1, 2]
+    # quiet by default: nothing a user cannot act on (even with Ray's log deduplication off)
+    for noise in ("engine is not available: ModuleNotFoundError", "target_num_threads 8 should not exceed",
+                  "'calculate_entropy': ", "UserWarning: Disabled critic", "'set_vital' is deprecated, please"):
+        assert noise not in log, noise
 
 
 def test_estimator_and_loss_metrics_are_finite(hapo_run):
@@ -87,15 +91,26 @@ def test_trainer_side_temperature_estimate_matches_what_the_rollout_did(hapo_run
                                                                           abs=1e-3)
 
 
-def test_checkpoint_then_resume_restores_statistics(hapo_run):
+def test_rerun_then_resume_keep_every_attempts_records_and_statistics(hapo_run):
     out, _, metrics = hapo_run
+    path = out / "hapo" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
     state = json.load(open(out / "hapo" / "checkpoints" / "global_step_2" / "hapo_state.json"))
     assert state["rollout_stats"]["pivot"] == pytest.approx(metrics[2]["hapo/stats/pivot"])
+    # the same command again: nothing left to train; it says so, shows the earlier summary and starts no Ray
+    log = tiny(out, "--config", "hapo", steps=2)
+    assert "[hapo-verl] nothing to train:" in log and "--steps 4 continues it" in log
+    assert "per-step summary" in log and "Started a local Ray" not in log
+    assert path.read_text().splitlines() == lines
+    # --steps 3 continues from the checkpoint of step 2 and appends to the same log
     log = tiny(out, "--config", "hapo", "trainer.resume_mode=auto", steps=3)
-    assert "restored entropy statistics" in log
-    resumed = read_metrics(out / "hapo" / "metrics.jsonl")
+    assert "steps 3..3 (resuming from its checkpoint)" in log and "restored entropy statistics" in log
+    after = path.read_text().splitlines()
+    assert after[:len(lines)] == lines and len(after) > len(lines)
+    resumed = read_metrics(path)
+    assert sorted(resumed) == [1, 2, 3]
+    assert all(resumed[s][k] == metrics[s][k] for s in (1, 2) for k in metrics[s])
     # the first step after resume already samples with the saved statistics (the fork would start without)
-    assert sorted(resumed) == [3]
     assert resumed[3]["hapo/rollout/requests_with_stats"] > 0
     assert resumed[3]["hapo/rollout/temperature_max"] > resumed[3]["hapo/rollout/temperature_min"]
 

@@ -100,6 +100,60 @@ class TestConfig:
         with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.name is not set: use vllm .* or hfcpu"):
             prepare_config(compose("hapo", base))
 
+    @pytest.mark.parametrize("estimator", ["grpo", "rloo", "grpo_vectorized"])
+    def test_verl_group_estimators_need_two_responses_per_prompt(self, estimator):
+        from hapo_verl.launcher import prepare_config
+
+        with pytest.raises(ValueError, match=rf"adv_estimator={estimator} .*rollout\.n must be >= 2, got 1"):
+            prepare_config(compose("dapo", BASE + [f"algorithm.adv_estimator={estimator}",
+                                                   "actor_rollout_ref.rollout.n=1"]))
+        prepare_config(compose("dapo", BASE + ["algorithm.adv_estimator=remax", "actor_rollout_ref.rollout.n=1"]))
+
+    def test_verl_group_estimator_list_matches_verl(self):
+        # verl's estimators that take the group index; the list must follow verl when it adds or drops one
+        import inspect
+
+        from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+
+        from hapo_verl.launcher import VERL_GROUP_ESTIMATORS
+
+        grouped = {name for name, fn in ADV_ESTIMATOR_REGISTRY.items()
+                   if fn.__module__.startswith("verl.") and "index" in inspect.signature(fn).parameters}
+        assert grouped == set(VERL_GROUP_ESTIMATORS)
+
+    def test_nothing_left_to_train_is_detected_before_ray(self, tmp_path):
+        from hapo_verl.launcher import nothing_left_to_train, resume_step
+
+        ckpt = tmp_path / "ckpt"
+        cfg = compose("hapo", BASE + [f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=4"])
+        assert resume_step(cfg) is None and nothing_left_to_train(cfg) is None
+        (ckpt / "global_step_4").mkdir(parents=True)
+        (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
+        assert resume_step(cfg) == 4
+        assert "nothing to train" in nothing_left_to_train(cfg) and "trainer.total_training_steps=4" in \
+            nothing_left_to_train(cfg)
+        more = compose("hapo", BASE + [f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=6"])
+        assert nothing_left_to_train(more) is None  # continues from 4 to 6
+        fresh = compose("hapo", BASE + [f"trainer.default_local_dir={ckpt}", "trainer.total_training_steps=4",
+                                        "trainer.resume_mode=disable"])
+        assert resume_step(fresh) is None
+
+    def test_output_dir_puts_every_output_of_train_under_project_and_experiment(self, tmp_path):
+        from hapo_verl.launcher import apply_output_dir
+        from hapo_verl.outputs import OutputError
+
+        plain = compose("hapo", BASE)
+        assert apply_output_dir(plain) == {}  # unset: verl's own defaults
+        cfg = compose("hapo", BASE + [f"trainer.output_dir={tmp_path}", "trainer.project_name=p",
+                                      "trainer.experiment_name=e"])
+        env = apply_output_dir(cfg)
+        run = tmp_path / "p" / "e"
+        assert cfg.trainer.default_local_dir == str(run / "checkpoints")
+        assert env["VERL_FILE_LOGGER_PATH"] == str(run / "metrics.jsonl")
+        assert env["TENSORBOARD_DIR"] == str(run / "tensorboard")
+        with pytest.raises(OutputError, match=r"trainer\.output_dir='runs' is relative"):
+            apply_output_dir(compose("hapo", BASE + ["trainer.output_dir=runs"]))
+
     def test_bypass_mode_is_fine_for_what_needs_no_old_policy(self):
         from hapo_verl.launcher import prepare_config
 

@@ -1,7 +1,8 @@
 """``hapo-verl bench-learning``: does HAPO beat DAPO at small scale? A CPU learning benchmark over seeds.
 
     hapo-verl bench-learning [--quick] [--engine fast|verl|both] [--seeds 0 1 2] [--methods grpo dapo hapo hapo_ref]
-                             [--steps N] [--verl-steps N] [--out DIR] [--report FILE] [--plots DIR] [--jobs J]
+                             [--steps N] [--verl-steps N] [--out DIR] [--report FILE | --update-docs] [--plots DIR]
+                             [--jobs J]
 
 Task, warm-up and modes: docs/learning_benchmark.md. Results: docs/results.md.
 """
@@ -46,10 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.abspath("runs/bench_learning"), help="run records")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/hapo_verl/bench_learning"),
                    help="warm-up checkpoints (one per task and seed)")
-    p.add_argument("--report", default="docs/results.md")
+    p.add_argument("--report", default=None,
+                   help="the Markdown report (default: OUT/results.md; docs/results.md only with --update-docs)")
+    p.add_argument("--update-docs", action="store_true",
+                   help="regenerate the committed report docs/results.md and its plots docs/results/")
     p.add_argument("--plots", default=None, help="PNG directory (default: <report dir>/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing records")
-    p.add_argument("--force", action="store_true", help="re-run fast runs whose record exists")
+    p.add_argument("--force", action="store_true",
+                   help="re-run runs whose record exists (verl mode keeps the earlier metrics.jsonl and trainer.log "
+                        "beside the new ones, suffixed with the time)")
     return p
 
 
@@ -98,8 +104,30 @@ def _pool(jobs):
     return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
 
 
+#: the committed report, rewritten only with ``--update-docs``
+DOCS_REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "docs", "results.md")
+
+
+def report_path(args, parser) -> str:
+    """Where the report goes: OUT/results.md by default; the committed docs/results.md only when asked for."""
+    if args.update_docs:
+        if args.report is not None and os.path.abspath(args.report) != DOCS_REPORT:
+            parser.error("--update-docs writes docs/results.md: drop --report")
+        if not os.path.isfile(DOCS_REPORT):
+            parser.error(f"--update-docs regenerates a checkout's docs/results.md; there is none at {DOCS_REPORT}")
+        return DOCS_REPORT
+    report = os.path.abspath(args.report or os.path.join(args.out, "results.md"))
+    if os.path.basename(report) == "results.md" and os.path.basename(os.path.dirname(report)) == "docs":
+        parser.error(f"--report {args.report} would overwrite a committed report: add --update-docs to regenerate "
+                     "it, or write elsewhere (default OUT/results.md)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.report = report_path(args, parser)
     task, rl, warm, seeds, methods, verl_methods, verl_seeds, verl_steps = _settings(args)
     fast_dir, verl_dir = os.path.join(args.out, "fast"), os.path.join(args.out, "verl")
     os.makedirs(fast_dir, exist_ok=True)
@@ -150,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                 val = _write_parquet(os.path.join(data_dir, "heldout.parquet"),
                                      rl_rows(task, heldout_problems(task), "heldout"))
                 for method in verl_methods:
+                    record_path = os.path.join(verl_dir, f"{method}_s{seed}.json")
+                    if os.path.exists(record_path) and not args.force:
+                        with open(record_path) as f:
+                            done = json.load(f)
+                        if done.get("returncode") == 0 and done.get("steps") == verl_steps:
+                            print(f"[bench] verl {method} s{seed}: record exists, skipped", flush=True)
+                            continue
                     run_verl(method, seed, task, warmups[seed][0], train, val, verl_steps, verl_dir, rl,
                              test_freq=max(1, verl_steps // 4) if verl_steps >= 8 else verl_steps)
 

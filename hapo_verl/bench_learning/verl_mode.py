@@ -106,8 +106,11 @@ def run_verl(method: str, seed: int, task: TaskConfig, model_dir: str, train_fil
     run_dir = os.path.join(out_dir, f"{method}_s{seed}")
     os.makedirs(run_dir, exist_ok=True)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("metrics.jsonl", "trainer.log"):  # a re-run keeps the earlier attempt's files beside it
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            os.replace(path, os.path.join(run_dir, f"{name}.{stamp}"))
     test_freq = test_freq or max(1, steps // 2)
     config_name, overrides = verl_overrides(method, task, model_dir, train_file, val_file, steps, run_dir, rl,
                                             test_freq)

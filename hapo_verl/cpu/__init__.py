@@ -21,6 +21,7 @@ This module is light (no torch / verl import); see docs/cpu_backend.md.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from hapo_verl.cpu.names import ROLLOUT_NAME
@@ -53,7 +54,19 @@ def cpu_env() -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": "disabled",
+        # verl's TransferQueue asks torch for 8 threads per call and warns on every call (hundreds of lines) when
+        # the machine has fewer physical cores
+        "TQ_NUM_THREADS": str(min(8, physical_cores())),
     }
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
 
 
 def cpu_overrides(
