@@ -257,14 +257,21 @@ TRAIN_HELP = """usage: hapo-verl train [--config-name NAME | --recipe NAME [--re
 Composes verl's ppo_trainer config with every key of the algorithm, checks it before Ray starts, and runs verl's
 run_ppo with hapo-verl's trainer. Hydra's own options (--cfg job, --info, -m) work as with verl's main_ppo.
 
-  --config-name NAME   a config of hapo_verl/conf (default hapo): {names}
+  --config-name NAME   a config of hapo_verl/conf (default hapo):
+                       {names}
   --recipe NAME        a recipe of recipes/ (hapo-verl recipes lists them)
   --recipes-dir DIR    look for the recipe there
   --verbose            show every warning of verl, Ray and torch, and verl's config dump
 
+With trainer.output_dir (or $HAPO_OUTPUT_DIR) set, every output goes under <output_dir>/<project>/<experiment>/.
+The parquet columns and the reward function your data needs: README.md, "Using it in a verl job".
+
 examples:
-  hapo-verl train data.train_files=train.parquet data.val_files=val.parquet actor_rollout_ref.model.path=MODEL \\
-      actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=8
+  hapo-verl train data.train_files=$PWD/train.parquet data.val_files=$PWD/val.parquet \\
+      actor_rollout_ref.model.path=Qwen/Qwen2.5-Math-1.5B actor_rollout_ref.rollout.name=vllm \\
+      actor_rollout_ref.rollout.n=8 actor_rollout_ref.actor.ppo_mini_batch_size=32 \\
+      actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \\
+      actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 trainer.n_gpus_per_node=8
   hapo-verl train --config-name dapo ...        the DAPO baseline
   hapo-verl train --recipe qwen2.5_math_7b_hapo
   hapo-verl train --cfg job ...                 print the composed config and stop
@@ -317,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         from hapo_verl.conf import config_names
 
-        print(TRAIN_HELP.format(names=", ".join(config_names())))
+        import textwrap
+
+        names = textwrap.fill(", ".join(config_names()), width=92, subsequent_indent=" " * 23)
+        print(TRAIN_HELP.format(names=names))
         return 0
     recipe = _pop_option(argv, "--recipe")
     recipes_dir = _pop_option(argv, "--recipes-dir")

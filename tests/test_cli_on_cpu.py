@@ -107,3 +107,14 @@ def test_bench_learning_report_goes_under_runs_and_never_into_docs_by_default(tm
     args = parser.parse_args(["--update-docs"])
     assert bl.report_path(args, parser) == bl.DOCS_REPORT and bl.DOCS_REPORT.endswith(os.path.join("docs",
                                                                                                    "results.md"))
+
+
+def test_train_help_example_passes_every_start_up_check():
+    import shlex
+
+    from hapo_verl.launcher import compose, validate
+
+    text = cli.TRAIN_HELP.split("examples:\n", 1)[1].split("\n  hapo-verl train --config-name", 1)[0]
+    words = shlex.split(text.replace("\\\n", " ").replace("$PWD", "/data"))
+    assert words[:2] == ["hapo-verl", "train"]
+    validate(compose("hapo", words[2:]))

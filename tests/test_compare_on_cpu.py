@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hapo_verl.tools.compare import compare, load_run, markdown_table, validation_metrics
+from hapo_verl.tools.compare import compare, load_run, markdown_table, temperature_keys, validation_metrics
 
 pytest.importorskip("matplotlib")
 
@@ -108,6 +108,34 @@ def test_cli_directory_input_and_missing_metrics(tmp_path):
     assert (tmp_path / "out" / "temperature.png").exists()
 
 
+def test_temperature_of_a_vllm_run_is_the_estimate(tmp_path):
+    """vLLM reports no per-token temperature: the trainer's temperature_est_* series are plotted and tabled; a run
+    with reported temperatures keeps them (the CPU rollout logs both)."""
+    vllm_log = tmp_path / "vllm.jsonl"
+    with open(vllm_log, "w") as handle:
+        for step in range(1, 4):
+            data = {"critic/score/mean": 0.1 * step}
+            if step > 1:  # step 1's requests carry no statistics: no estimate
+                data.update({"hapo/rollout/temperature_est_min": 0.95, "hapo/rollout/temperature_est_mean": 1.01,
+                             "hapo/rollout/temperature_est_max": 1.05})
+            handle.write(json.dumps({"step": step, "data": data}) + "\n")
+    cpu_log = write_jsonl(tmp_path / "cpu.jsonl", 0.0)
+    vllm, cpu = load_run(str(vllm_log)), load_run(str(cpu_log))
+    assert temperature_keys(vllm) == tuple(f"hapo/rollout/temperature_est_{s}" for s in ("mean", "min", "max"))
+    assert temperature_keys(cpu)[0] == "hapo/rollout/temperature_mean"
+    result = compare([f"vllm={vllm_log}"], tmp_path / "out_vllm")
+    assert "temperature.png" in {p.name for p in result["plots"]}
+    assert "| `hapo/rollout/temperature_est_mean` | vllm | 3 | 1.01 | — | — | — |" in result["table"]
+    both = compare([f"cpu={cpu_log}", f"vllm={vllm_log}"], tmp_path / "out_both")
+    assert "temperature.png" in {p.name for p in both["plots"]}
+    assert "| `hapo/rollout/temperature_mean` | cpu | 5 | 1 |" in both["table"]
+    # a run without any temperature (DAPO) gets no temperature plot
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"step": 1, "data": {"critic/score/mean": 0.3}}) + "\n")
+    assert temperature_keys(load_run(str(plain))) == ()
+    assert "temperature.png" not in {p.name for p in compare([str(plain)], tmp_path / "out_plain")["plots"]}
+
+
 def test_bad_input_is_reported(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"metric": 1}) + "\n")
@@ -135,6 +163,9 @@ def test_compare_on_a_cpu_run(cpu_run, tmp_path):
     run = load_run(str(cpu_run))
     assert {1, 2} <= set(run.series("critic/score/mean"))
     assert run.series("hapo/rollout/temperature_mean")
+    # the CPU rollout reports per-token temperatures and the trainer estimates them too (step 2: statistics sent)
+    assert run.series("hapo/rollout/temperature_est_mean")
+    assert temperature_keys(run)[0] == "hapo/rollout/temperature_mean"
     # the same log twice: every difference is zero
     result = compare([f"first={cpu_run}", f"second={cpu_run}"], tmp_path / "out")
     names = {p.name for p in result["plots"]}

@@ -35,7 +35,7 @@ def method_recipes() -> list[str]:
     from hapo_verl.conf import config_names
 
     return [f"{m}_{c}" for c in config_names() if c not in NO_METHOD_RECIPES for m in METHOD_MODELS]
-#: published per-model settings (hapo_algorithm notes §8): model, max_resp, overlong buffer, sp=gen_tp, nodes
+#: published per-model settings (the authors' recipe/<model>.sh, https://github.com/starriver030515/HAPO): model, max_resp, overlong buffer, sp=gen_tp, nodes
 PER_MODEL = {
     "qwen2.5_math_1.5b": ("starriver030515/Qwen2.5-Math-1.5B-16k", 10240, True, 2, 4),
     "qwen2.5_math_7b": ("starriver030515/Qwen2.5-Math-7B-32k", 10240, True, 4, 4),

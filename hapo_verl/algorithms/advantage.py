@@ -1,4 +1,4 @@
-"""Token-Level Group Average advantage (HAPO §"TLGA", arXiv 2509.16591).
+"""Token-Level Group Average advantage (HAPO, arXiv 2509.16591: its TLGA component).
 
 For each prompt group g (the n responses sharing a ``uid``), with R_i the scalar outcome reward of
 response i and L_i its number of valid tokens:

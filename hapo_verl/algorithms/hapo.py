@@ -41,15 +41,16 @@ class HAPOLossOptions:
     reference_compat: bool = option(
         False, "Reproduce the authors' fork: ĥ = |ĥ| (its sign bug) from the current policy's entropy with "
         "per-micro-batch statistics. false: signed ĥ from the old policy's entropy, whole-batch statistics. "
-        "Linked to hapo.reference_compat by the launcher.", paper=PAPER + ", authors' code")
+        "Set from hapo.reference_compat by hapo.yaml (${hapo.reference_compat}); a different value stops the "
+        "run at start-up.", paper=PAPER + ", authors' code")
     adaptive_clip: bool = option(True, "Asymmetric Adaptive Clipping: per-token clip ranges from ĥ.",
-                                 paper=PAPER + " §3.4")
+                                 paper=PAPER)
     clip_alpha: float = option(1.0, "α: how far clip ranges widen with |ĥ|, ε·(1 + α|ĥ|).", low=0.0,
-                               paper=PAPER + " §3.4 (published recipes: 1.0)")
+                               paper=PAPER + " (published recipes: 1.0)")
     adaptive_advantage: bool = option(True, "Differential Advantage Redistribution: A·(1 + βĥ) on modulated "
-                                      "tokens.", paper=PAPER + " §3.3")
+                                      "tokens.", paper=PAPER)
     adv_beta: float = option(1.0, "β of the advantage factor (1 + βĥ).", low=0.0,
-                             paper=PAPER + " §3.3 (published recipes: 1.0)")
+                             paper=PAPER + " (published recipes: 1.0)")
     entropy_pivot: float = option(0.8, "Quantile of log-entropy used as the pivot of ĥ (the fork calls it "
                                   "'median'; it is the 80th percentile).", low=0.0, high=1.0, low_open=True,
                                   high_open=True, paper=PAPER + ", authors' code")
@@ -60,7 +61,8 @@ class HAPOAdvantageConfig:
     """``algorithm.hapo.*`` with ``adv_estimator=hapo`` (Token-Level Group Average)."""
 
     reference_compat: bool = option(False, "Include padding positions in the smooth-score fallback check, as the "
-                                    "fork does. Linked to hapo.reference_compat by the launcher.", paper=PAPER)
+                                    "fork does. Set from hapo.reference_compat by hapo.yaml; a different value "
+                                    "stops the run at start-up.", paper=PAPER)
     fallback_threshold: float = option(5.0, "A group whose normalized advantage reaches this magnitude falls back "
                                        "to GRPO advantages (the fork's hard-coded 5.0).", low=0.0, low_open=True,
                                        paper=PAPER + ", authors' code")
@@ -82,8 +84,10 @@ class AdaptiveTemperatureOptions:
     """The top-level ``hapo.*`` section: Adaptive Temperature Sampling and the fork-compatibility switch."""
 
     reference_compat: bool = option(
-        False, "Reproduce the authors' fork everywhere: the loss's and the estimator's switches (linked in "
-        "hapo.yaml) and the fork's sampler constants.", paper=PAPER + ", authors' code")
+        False, "Switch to the authors' fork's behaviour. Here: the sampler's ĥ is unsigned and uses the fork's "
+        "constants (log floor 1e-6, scale + 1e-6). hapo.yaml sets the loss's and the estimator's reference_compat "
+        "from it; the launcher stops the run when either differs. What still differs from the fork: "
+        "docs/algorithms.md.", paper=PAPER + ", authors' code")
     adaptive_temperature: bool = option(
         False, "Adaptive Temperature Sampling: sample each token at T·(1 + τ·ĥ) with the previous step's entropy "
         "statistics (vLLM logits processor or the CPU rollout).", paper=PAPER)

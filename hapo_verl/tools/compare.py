@@ -11,6 +11,12 @@ Written to ``--out``: one PNG per metric group (training reward, validation accu
 mean, entropy, response length, clip fractions, effective sampling temperature) and ``summary.md``: for each
 metric and run the final value, the best value (max for reward and accuracy metrics) and their difference to
 the first run.
+
+Temperature: a rollout that reports per-token temperatures (the CPU rollout) logs
+``hapo/rollout/temperature_{min,mean,max}``; the trainer logs the estimate ``hapo/rollout/temperature_est_{min,mean,
+max}`` for any rollout, and on vLLM it is the only one (docs/vllm_logits_processor.md). Each run is plotted with
+the reported series when it has them, else with the estimated ones (legend entries ``temperature_est_*``); the
+table lists both means.
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ ENTROPY = ("actor/entropy",)
 RESPONSE_LENGTH = ("response_length/mean",)
 CLIP_FRACTIONS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/hapo/clipfrac_high_entropy",
                   "actor/hapo/clipfrac_low_entropy")
-TEMPERATURE = ("hapo/rollout/temperature_mean",)
+#: per-token sampling temperature: reported by the rollout (CPU rollout), else estimated by the trainer (vLLM)
+TEMPERATURE_STATS = ("mean", "min", "max")
+TEMPERATURE_REPORTED = tuple(f"hapo/rollout/temperature_{s}" for s in TEMPERATURE_STATS)
+TEMPERATURE_ESTIMATED = tuple(f"hapo/rollout/temperature_est_{s}" for s in TEMPERATURE_STATS)
+#: table rows: the mean of either kind
+TEMPERATURE = (TEMPERATURE_REPORTED[0], TEMPERATURE_ESTIMATED[0])
 VAL_MEAN = "val/mean_over_benchmarks"
 
 #: verl's validation metrics: val-core/<data_source>/<variable>/<stat>@<n>[/...] (also val-aux/...)
@@ -163,6 +174,14 @@ def first_present(run: Run, candidates) -> str | None:
     return next((k for k in candidates if run.series(k)), None)
 
 
+def temperature_keys(run: Run) -> tuple[str, ...]:
+    """The temperature series plotted for ``run``: the rollout-reported ones when present, else the estimates."""
+    for keys in (TEMPERATURE_REPORTED, TEMPERATURE_ESTIMATED):
+        if any(run.series(k) for k in keys):
+            return keys
+    return ()
+
+
 @dataclass
 class Row:
     group: str
@@ -233,9 +252,14 @@ def markdown_table(runs: list[Run]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- plots
-def _plot(runs: list[Run], panels: list[tuple[str, list[str]]], title: str, path: Path, ylabel: str) -> bool:
-    """One figure; each panel (subtitle, metric keys) shows every run (and every key: a line style each)."""
-    panels = [(sub, keys) for sub, keys in panels if any(r.series(k) for r in runs for k in keys)]
+def _plot(runs: list[Run], panels: list[tuple[str, list]], title: str, path: Path, ylabel: str) -> bool:
+    """One figure; each panel (subtitle, metric keys) shows every run (and every key: a line style each). A key
+    may be a callable ``run -> keys`` that picks the keys per run (the temperature panel)."""
+
+    def keys_of(run, keys):
+        return [k for key in keys for k in (key(run) if callable(key) else (key,))]
+
+    panels = [(sub, keys) for sub, keys in panels if any(r.series(k) for r in runs for k in keys_of(r, keys))]
     if not panels:
         return False
     import matplotlib
@@ -251,12 +275,13 @@ def _plot(runs: list[Run], panels: list[tuple[str, list[str]]], title: str, path
     for index, (subtitle, keys) in enumerate(panels):
         ax = axes[index // cols][index % cols]
         for r_index, run in enumerate(runs):
-            for k_index, key in enumerate(keys):
+            run_keys = keys_of(run, keys)
+            for k_index, key in enumerate(run_keys):
                 series = run.series(key)
                 if not series:
                     continue
                 steps = sorted(series)
-                label = run.label if len(keys) == 1 else f"{run.label}: {key.split('/')[-1]}"
+                label = run.label if len(run_keys) == 1 else f"{run.label}: {key.split('/')[-1]}"
                 ax.plot(steps, [series[s] for s in steps], styles[k_index % len(styles)],
                         color=colors[r_index % len(colors)], marker="o" if len(steps) < 20 else None,
                         markersize=3, label=label)
@@ -295,7 +320,8 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     plot("entropy", "policy entropy", "entropy", [(k, [k]) for k in ENTROPY])
     plot("response_length", "response length", "tokens", [(k, [k]) for k in RESPONSE_LENGTH])
     plot("clip_fraction", "clip fractions", "fraction", [(k, [k]) for k in CLIP_FRACTIONS])
-    plot("temperature", "effective sampling temperature", "temperature", [(k, [k]) for k in TEMPERATURE])
+    plot("temperature", "effective sampling temperature T·f", "temperature",
+         [("rollout-reported (temperature_*), else estimated (temperature_est_*)", [temperature_keys])])
     return written
 
 
