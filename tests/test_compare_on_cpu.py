@@ -176,3 +176,24 @@ def test_compare_on_a_cpu_run(cpu_run, tmp_path):
     rows = [line for line in result["table"].splitlines() if "| second |" in line]
     assert rows and all("| +0 |" in line for line in rows)
     assert markdown_table([run]).count("\n") >= 6
+
+
+def test_every_registered_algorithms_own_metrics_get_a_figure(tmp_path):
+    """A registered algorithm's loss metrics (actor/<name>/*) and estimator metrics (<name>/*) are plotted without
+    edits to compare; other prefixes (verl's actor/perf/*) are not."""
+    from hapo_verl.tools.compare import algorithm_metric_keys
+
+    log = tmp_path / "algo.jsonl"
+    with open(log, "w") as handle:
+        for step in range(1, 4):
+            handle.write(json.dumps({"step": step, "data": {
+                "critic/score/mean": 0.1 * step, "actor/archer/high_entropy_frac": 0.2,
+                "edge_grpo/some_metric": 0.5 * step, "actor/perf/max_memory_allocated_gb": 1.0,
+                "hapo/rollout/temperature_mean": 1.0, "hapo/stats/pivot": 0.3}}) + "\n")
+    run = load_run(str(log))
+    assert algorithm_metric_keys([run]) == {"archer": ["actor/archer/high_entropy_frac"],
+                                            "edge_grpo": ["edge_grpo/some_metric"],
+                                            "hapo": ["hapo/stats/pivot"]}
+    plots = {p.name for p in compare([f"a={log}"], tmp_path / "out")["plots"]}
+    assert {"algorithm_archer.png", "algorithm_edge_grpo.png", "algorithm_hapo.png"} <= plots
+    assert not any("perf" in name for name in plots)

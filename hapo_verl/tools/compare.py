@@ -322,7 +322,31 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     plot("clip_fraction", "clip fractions", "fraction", [(k, [k]) for k in CLIP_FRACTIONS])
     plot("temperature", "effective sampling temperature T·f", "temperature",
          [("rollout-reported (temperature_*), else estimated (temperature_est_*)", [temperature_keys])])
+    for name, keys in algorithm_metric_keys(runs).items():
+        plot(f"algorithm_{name}", f"{name}: the algorithm's own metrics", "value",
+             [(key, [key]) for key in keys[:MAX_ALGORITHM_PANELS]])
     return written
+
+
+#: at most this many panels in one algorithm's figure (its first metrics in name order)
+MAX_ALGORITHM_PANELS = 12
+
+
+def algorithm_metric_keys(runs: list[Run]) -> dict[str, list[str]]:
+    """Every registered algorithm's own metrics that some run logged: ``actor/<name>/*`` from its loss and
+    ``<name>/*`` from its estimator or batch statistics (HAPO's ``hapo/rollout/temperature_*`` have their own
+    figure). A newly registered algorithm is plotted without edits here."""
+    from hapo_verl import registry
+
+    names = sorted(spec.name for spec in registry.specs())
+    logged = sorted({key for run in runs for key in run.metrics if run.metrics[key]})
+    families: dict[str, list[str]] = {}
+    for name in names:
+        keys = [k for k in logged if (k.startswith(f"actor/{name}/") or k.startswith(f"{name}/"))
+                and not k.startswith("hapo/rollout/temperature")]
+        if keys:
+            families[name] = keys
+    return families
 
 
 def compare(specs: list[str], out: str | os.PathLike) -> dict:
