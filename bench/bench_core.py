@@ -8,6 +8,14 @@
 2. Loss forward+backward at 8192 x 1024 tokens:
    hapo (ours, batch statistics given) / verl's vanilla policy loss      (target <= 1.5)
    fork-style (statistics sorted inside the loss) / vanilla, for reference
+3. Every registered loss (hapo_verl.registry.loss_specs(), default options, batch statistics computed beforehand
+   as the trainer does), forward+backward at 8192 x 1024 tokens / verl's vanilla policy loss (target <= 1.3 for the
+   losses added since the registry); losses registered later join without edits.
+   ``--section registry`` runs only this part, ``--losses NAME,...`` a subset.
+4. Every registered estimator (hapo_verl.registry.estimator_specs(), default options, given what its spec needs as
+   the trainer gives it: old-policy entropy and log-probs, batch statistics computed beforehand) at 512 prompts x 16,
+   4096 tokens (random interleaved groups) / verl's grpo_vectorized (target <= 2); estimators registered later join
+   without edits. ``--section estimators`` runs only this part, ``--estimators NAME,...`` a subset.
 Timings are medians over repeats; only the ratios are meaningful across machines.
 """
 
@@ -123,19 +131,159 @@ def bench_loss(rows: int, length: int, repeats: int) -> dict:
     return {"vanilla_s": t_vanilla, "hapo_s": t_ours, "hapo_stats_in_loss_s": t_in_loss}
 
 
+#: verl's built-in losses with a config here, measured beside the registered ones
+VERL_COV_LOSSES = ("clip_cov", "kl_cov")
+
+
+def bench_registry_losses(rows: int, length: int, repeats: int, names: list[str] | None = None) -> dict:
+    """Median fwd+bwd seconds of verl's vanilla loss and of every registered loss, measured interleaved. Each loss
+    gets its default options, the per-token entropy when it needs one, and its batch statistics computed beforehand
+    over the whole batch (the trainer's driver-side hook), so the timing is the worker-side loss alone."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+    from verl.workers.config import ActorConfig
+    from verl.workers.config.actor import PolicyLossConfig
+
+    from hapo_verl import config as loss_configs
+    from hapo_verl import registry
+    from hapo_verl.integration.loss import run_loss
+
+    torch.manual_seed(0)
+    lengths = torch.randint(length // 4, length + 1, (rows,))
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    old = -torch.rand(rows, length) * 2
+    base = old + torch.randn(rows, length) * 0.1
+    adv = torch.randn(rows, 1).expand(rows, length).contiguous() * mask
+    entropy = torch.rand(rows, length) * 3
+    n_tok = int(mask.sum())
+
+    def actor(policy_loss=None):
+        kw = {} if policy_loss is None else {"policy_loss": policy_loss}
+        cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_c=10.0, **kw)
+        cfg.global_batch_info.update(dp_size=1, batch_num_tokens=n_tok, global_batch_size=rows, loss_scale_factor=None)
+        return cfg
+
+    def step(fn):
+        def run():
+            new = base.clone().requires_grad_(True)
+            fn(new).backward()
+        return run
+
+    vanilla_cfg = actor()
+    fns = {"vanilla": step(lambda new: compute_policy_loss_vanilla(old, new, adv, mask, "token-mean", vanilla_cfg)[0])}
+    for mode in VERL_COV_LOSSES:  # verl's own covariance losses (configs conf/<mode>.yaml), for reference
+        if names and mode not in names:
+            continue
+        cov_cfg = actor(PolicyLossConfig(loss_mode=mode))
+        fns[f"verl {mode}"] = step(lambda new, fn=get_policy_loss_fn(mode), cfg=cov_cfg:
+                                   fn(old, new, adv, mask, "token-mean", cfg)[0])
+    for name, spec in registry.loss_specs().items():
+        if names and name not in names:
+            continue
+        cls = loss_configs.LOSS_CONFIG_CLASSES[loss_configs.loss_config_name(spec)]
+        cfg = actor(cls())
+        options = spec.loss_options()
+        stats = None
+        if spec.batch_stats is not None and registry.BATCH_STATS in spec.needs_of_loss(options):
+            stats = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy, old_log_prob=old),
+                                     options)
+
+        def loss_fn(new, spec=spec, options=options, cfg=cfg, stats=stats):
+            return run_loss(spec, options, old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+                            loss_agg_mode="token-mean", config=cfg, entropy=entropy, batch_stats=stats)[0]
+
+        fns[name] = step(loss_fn)
+    return median_times(fns, repeats)
+
+
+def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
+                              names: list[str] | None = None) -> dict:
+    """Median seconds of verl's grpo_vectorized and of every registered estimator through verl's registry, measured
+    interleaved on one batch: 0/1 rewards at each response's last token, random lengths, the rows of each prompt
+    group shuffled over the batch (as after verl's balance_batch). Each estimator gets its default options and what
+    its spec needs (estimator_inputs, as the trainer provides it); batch statistics are computed beforehand."""
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    from hapo_verl import registry
+    from hapo_verl.integration.estimator import estimator_inputs
+
+    torch.manual_seed(0)
+    B = prompts * n
+    lengths = torch.randint(1, length + 1, (B,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    tlr = torch.zeros(B, length)
+    tlr[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,)).float()
+    index = np.array([f"uid-{i // n}" for i in torch.randperm(B).tolist()], dtype=object)
+    entropy = torch.rand(B, length) * 3
+    old_log_prob = -torch.rand(B, length) * 2
+    grpo = get_adv_estimator_fn("grpo_vectorized")
+    fns = {"grpo_vectorized": lambda: grpo(token_level_rewards=tlr, response_mask=mask, index=index)}
+    for name, spec in registry.estimator_specs().items():
+        if names and name not in names:
+            continue
+        options = spec.estimator_options() if spec.estimator_options else None
+        stats = None
+        if spec.batch_stats is not None and registry.BATCH_STATS in spec.needs_of_estimator(options):
+            hook_options = spec.loss_options() if spec.loss_options else options
+            stats = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy,
+                                                             old_log_prob=old_log_prob), hook_options)
+        fn = get_adv_estimator_fn(name)
+
+        def run(fn=fn, stats=stats):
+            with estimator_inputs(old_log_prob=old_log_prob, entropy=entropy, batch_stats=stats):
+                fn(token_level_rewards=tlr, response_mask=mask, index=index, config={})
+
+        fns[name] = run
+    return median_times(fns, repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--section", choices=("all", "core", "registry", "estimators"), default="all",
+                        help="core: sections 1-2 (HAPO); registry: section 3 (every registered loss)")
+    parser.add_argument("--losses", default="", help="comma-separated registered losses for section 3 (default all)")
+    parser.add_argument("--estimators", default="", help="comma-separated registered estimators for section 4")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.section in ("all", "core"):
+        core(args)
+    if args.section in ("all", "registry"):
+        rows, length = (64, 32) if args.quick else (8192, 1024)
+        names = [n for n in args.losses.split(",") if n] or None
+        times = bench_registry_losses(rows, length, 3 if args.quick else args.repeats, names)
+        print(f"registered losses, forward+backward ({rows} x {length}, token-mean; median of "
+              f"{3 if args.quick else args.repeats}, interleaved)")
+        print(f"  {'verl vanilla':24s} {times['vanilla'] * 1e3:9.1f} ms")
+        for name, t in times.items():
+            if name != "vanilla":
+                print(f"  {name:24s} {t * 1e3:9.1f} ms   ratio / vanilla = {t / times['vanilla']:.2f}")
+    if args.section in ("all", "estimators"):
+        estimators(args)
+
+
+def estimators(args):
+    prompts, n, length = (16, 4, 64) if args.quick else (512, 16, 4096)
+    repeats = 3 if args.quick else args.repeats
+    names = [n for n in args.estimators.split(",") if n] or None
+    times = bench_registry_estimators(prompts, n, length, repeats, names)
+    print(f"registered estimators ({prompts} prompts x {n}, {length} tokens, groups interleaved; median of {repeats}, "
+          "interleaved)")
+    print(f"  {'verl grpo_vectorized':24s} {times['grpo_vectorized'] * 1e3:9.1f} ms")
+    for name, t in times.items():
+        if name != "grpo_vectorized":
+            print(f"  {name:24s} {t * 1e3:9.1f} ms   ratio / grpo_vectorized = {t / times['grpo_vectorized']:.2f}"
+                  "   (target <= 2)")
+
+
+def core(args):
     if args.quick:
         est = bench_estimator(16, 4, 64, 3)
         loss = bench_loss(64, 32, 3)
     else:
         est = bench_estimator(512, 16, 4096, args.repeats)
         loss = bench_loss(8192, 1024, args.repeats)
-    print(f"torch threads: {torch.get_num_threads()}")
     print("estimator (512 prompts x 16, 4096 tokens)" if not args.quick else "estimator (quick)")
     print(f"  verl grpo_vectorized   {est['grpo_vectorized_s'] * 1e3:9.1f} ms")
     print(f"  hapo (ours)            {est['hapo_s'] * 1e3:9.1f} ms")

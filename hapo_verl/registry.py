@@ -147,6 +147,8 @@ class LossInputs:
     ``aggregate(loss_mat, mask, mode=None)`` is verl's ``agg_loss`` over the global batch (``mode`` defaults to
     ``loss_agg_mode``), so results do not depend on the micro-batch split. ``kl(log_prob, other, kind)`` is verl's
     ``kl_penalty``; ``ref_log_prob`` / ``kl_coef`` are set when ``actor.use_kl_loss`` is on.
+    ``all_reduce(tensor)`` sums a tensor over the data-parallel ranks of the update (the identity on one process,
+    and in direct calls); a loss whose statistic must agree on every rank (BAPO's clip bounds) reduces with it.
     """
 
     old_log_prob: Any
@@ -165,6 +167,7 @@ class LossInputs:
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"
     kl: Callable | None = None
+    all_reduce: Callable = lambda tensor: tensor
 
 
 @dataclass

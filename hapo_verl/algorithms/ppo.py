@@ -49,7 +49,8 @@ def dual_clip_ppo_token_loss(
     clip_ratio_c: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """verl's dual-clip PPO token loss with clip ranges that may be per-token tensors. Returns the (B, L) loss and
-    boolean (B, L) masks ``clipped`` and ``clipped_lower``, plus ``log_ratio``."""
+    boolean (B, L) masks ``clipped`` and ``clipped_lower``, plus ``log_ratio``, ``ratio`` (exp of the clamped
+    log-ratio, carrying its gradient) and ``clipped_ratio`` (clip(r, 1 − ε_low, 1 + ε_high))."""
     if not clip_ratio_c > 1.0:
         raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c must be > 1.0 for dual-clip PPO, got {clip_ratio_c}")
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
@@ -61,7 +62,8 @@ def dual_clip_ppo_token_loss(
     else:
         clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_losses, clipped, clipped_lower = dual_clip_token_losses(advantages, ratio, clipped_ratio, clip_ratio_c)
-    return pg_losses, {"clipped": clipped, "clipped_lower": clipped_lower, "log_ratio": log_ratio}
+    return pg_losses, {"clipped": clipped, "clipped_lower": clipped_lower, "log_ratio": log_ratio, "ratio": ratio,
+                       "clipped_ratio": clipped_ratio}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

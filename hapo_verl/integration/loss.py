@@ -58,6 +58,25 @@ def global_aggregate(config, loss_agg_mode: str, response_mask: torch.Tensor):
     return aggregate
 
 
+def dp_all_reduce(dp_group=None):
+    """``all_reduce(tensor)``: the sum over the data-parallel group verl's engine hands the loss (``dp_group``), a
+    no-op on one process. Every rank calls it once per micro-batch: verl's engines give every data-parallel rank the
+    same number of micro-batches (``prepare_micro_batches(..., same_micro_num_in_dp=True)``)."""
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dp_group is None or not (dist.is_available() and dist.is_initialized()):
+            return tensor
+        if dist.get_world_size(group=dp_group) <= 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=dp_group)
+        return out
+
+    return all_reduce
+
+
 def _kl(log_prob, other, kind):
     from verl.trainer.ppo.core_algos import kl_penalty
 
@@ -78,9 +97,10 @@ def _require_entropy(spec, needs, entropy) -> None:
 
 def run_loss(spec: registry.AlgorithmSpec, options, *, old_log_prob, log_prob, advantages, response_mask,
              loss_agg_mode: str, config, entropy=None, rollout_is_weights=None, batch_stats=None,
-             ref_log_prob=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Call ``spec.loss`` with verl's clip settings and global aggregation. Metrics: 0-dim tensors named as verl
-    logs them (``actor/pg_clipfrac`` ..., else ``actor/<name>/<key>``)."""
+             ref_log_prob=None, dp_group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Call ``spec.loss`` with verl's clip settings, global aggregation and the data-parallel sum over ``dp_group``
+    (none: one process). Metrics: 0-dim tensors named as verl logs them (``actor/pg_clipfrac`` ..., else
+    ``actor/<name>/<key>``)."""
     needs = spec.needs_of_loss(options)
     _require_entropy(spec, needs, entropy)
     _check_shapes(log_prob, {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
@@ -93,7 +113,7 @@ def run_loss(spec: registry.AlgorithmSpec, options, *, old_log_prob, log_prob, a
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_c, entropy=entropy,
         batch_stats=batch_stats if registry.BATCH_STATS in needs else None, rollout_is_weights=rollout_is_weights,
         ref_log_prob=ref_log_prob if use_kl else None, kl_coef=float(config.get("kl_loss_coef", 0.0)) if use_kl else 0.0,
-        kl_type=str(config.get("kl_loss_type", "low_var_kl")), kl=_kl)
+        kl_type=str(config.get("kl_loss_type", "low_var_kl")), kl=_kl, all_reduce=dp_all_reduce(dp_group))
     loss, raw = spec.loss(inputs, options)
     prefix = f"actor/{spec.name}/"
     metrics = {(f"actor/{k}" if k in registry.VERL_LOSS_METRICS else prefix + k): v for k, v in raw.items()}
@@ -115,7 +135,8 @@ def compute_policy_loss(
     """Any registered policy loss, including those that need per-token entropy.
 
     Args:
-        loss_mode: a registered loss name (``hapo_verl.registry.loss_specs()``).
+        loss_mode: a registered loss name (``hapo_verl.registry.loss_specs()``), or one of verl's own losses
+            (``clip_cov``, ``kl_cov``, ...: called through verl's registry; ``entropy`` and ``batch_stats`` unused).
         old_log_prob, log_prob, advantages, response_mask: (B, L), as verl's policy losses.
         loss_agg_mode: verl's aggregation mode; ``config.global_batch_info`` is honoured.
         config: verl's actor config (``ActorConfig`` or a DictConfig); the loss's options are read from
@@ -130,8 +151,8 @@ def compute_policy_loss(
     """
     spec = registry.get(loss_mode)
     if spec is None or spec.loss is None:
-        known = ", ".join(registry.loss_specs())
-        raise ValueError(f"{LOSS_KEY}.loss_mode={loss_mode!r} is not a hapo-verl loss; registered: {known}")
+        return _verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                 rollout_is_weights)
     options = loss_options(spec, config.get("policy_loss", None))
     _check_shapes(log_prob, {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
                              "entropy": entropy, "rollout_is_weights": rollout_is_weights})
@@ -144,6 +165,23 @@ def compute_policy_loss(
     return run_loss(spec, options, old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
                     response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config, entropy=entropy,
                     rollout_is_weights=rollout_is_weights, batch_stats=batch_stats)
+
+
+def _verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                      rollout_is_weights):
+    """One of verl's own policy losses (``clip_cov``, ``kl_cov``, ...) through verl's registry, metrics as 0-dim
+    tensors on the input's device; it takes no entropy and no batch statistics."""
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    if loss_mode not in POLICY_LOSS_REGISTRY:
+        raise ValueError(f"{LOSS_KEY}.loss_mode={loss_mode!r} is not a hapo-verl loss; registered: "
+                         f"{', '.join(registry.loss_specs())}; verl's own: {', '.join(sorted(POLICY_LOSS_REGISTRY))}")
+    _check_shapes(log_prob, {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
+                             "rollout_is_weights": rollout_is_weights})
+    loss, metrics = POLICY_LOSS_REGISTRY[loss_mode](old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                                                    config, rollout_is_weights)
+    return loss, {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=log_prob.device)
+                  for k, v in metrics.items()}
 
 
 def _raise_on_nan_inputs(named: dict, response_mask: torch.Tensor) -> None:
@@ -272,7 +310,7 @@ def registered_ppo_loss(config, model_output, data, dp_group=None):
         spec, options, old_log_prob=padded["old_log_probs"], log_prob=log_prob, advantages=padded["advantages"],
         response_mask=response_mask, loss_agg_mode=config.loss_agg_mode, config=config, entropy=entropy,
         rollout_is_weights=padded.get("rollout_is_weights", None), batch_stats=batch_stats,
-        ref_log_prob=padded["ref_log_prob"] if use_kl else None)
+        ref_log_prob=padded["ref_log_prob"] if use_kl else None, dp_group=dp_group)
     metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
     policy_loss = pg_loss
