@@ -103,11 +103,54 @@ def options_table(cls, prefix: str, registry) -> list[str]:
     return rows
 
 
+#: the docs page of an algorithm without its own docs/<name>.md
+DOCS_PAGE = {"hapo": "algorithms.md", "archer": "baselines.md", "forking": "baselines.md", "edge_grpo": "baselines.md",
+             "grpo_s": "gtpo.md", "gtpo": "gtpo.md"}
+
+
+def _docs_page(name: str) -> str:
+    page = f"{name}.md" if (ROOT / "docs" / f"{name}.md").exists() else DOCS_PAGE.get(name, "")
+    return f"[{page}]({page})" if page and (ROOT / "docs" / page).exists() else "—"
+
+
+def algorithm_table(registry) -> list[str]:
+    """One row per registered algorithm (and verl's covariance losses, configured here): how to select it, its
+    keys, what it needs from the old policy, its config, paper and docs page."""
+    from hapo_verl.integration.verl_losses import PAPER as COV_PAPER
+    from hapo_verl.integration.verl_losses import VERL_LOSS_KEYS
+
+    rows = ["## Every algorithm", "",
+            "| algorithm | select with | its keys | needs (defaults) | config | paper | docs |", "|---|---|---|---|---|---|---|"]
+    for spec in registry.specs():
+        select, keys, needs = [], [], set()
+        if spec.advantage is not None:
+            select.append(f"`algorithm.adv_estimator={spec.name}`")
+            if spec.estimator_options is not None:
+                keys.append(f"`algorithm.{spec.name}.*`")
+                needs |= set(spec.needs_of_estimator(spec.estimator_options()))
+        if spec.loss is not None:
+            select.append(f"`loss_mode={spec.name}`")
+            keys.append(f"`{LOSS_KEY}.*`")
+            needs |= set(spec.needs_of_loss(spec.loss_options()))
+        if spec.sampling_options is not None:
+            keys.append(f"`{spec.name}.*`")
+        paper = spec.paper.split(" (")[0].replace("|", "\\|")
+        rows.append(f"| {spec.title} | {', '.join(select)} | {', '.join(keys)} | {', '.join(sorted(needs)) or 'nothing'} "
+                    f"| `conf/{spec.name}.yaml` | {paper} | {_docs_page(spec.name)} |")
+    for name, keys_class in VERL_LOSS_KEYS.items():
+        keys = ", ".join(f"`{f}`" for f in keys_class.__dataclass_fields__)
+        rows.append(f"| {name} (verl's own) | `loss_mode={name}` | {keys} under `{LOSS_KEY}` | nothing "
+                    f"| `conf/{name}.yaml` | {COV_PAPER.split(' (')[0]} | {_docs_page('clip_kl_cov')} |")
+    rows.append("| DAPO (baseline) | `--config-name dapo` (verl's `grpo`, `vanilla`, dynamic sampling) | — | nothing "
+                "| `conf/dapo.yaml` | DAPO, arXiv 2503.14476 | [recipes.md](recipes.md) |")
+    return rows
+
+
 def render() -> str:
     sys.path.insert(0, str(ROOT))
     from hapo_verl import registry
 
-    out = [HEADER]
+    out = [HEADER] + algorithm_table(registry) + [""]
     for spec in registry.specs():
         names = []
         if spec.advantage is not None:

@@ -80,7 +80,7 @@ def cegppo_policy_loss(
     return loss, metrics
 
 
-@algorithm("loss", name="cegppo", title="CEGPPO", paper=PAPER,
+@algorithm("loss", name="cegppo", title="CE-GPPO", paper=PAPER,
            summary="Dual-clip PPO whose clipped tokens keep a bounded gradient (β₁ below, β₂ above the band).",
            loss_options=CEGPPOOptions)
 def cegppo_loss(inputs: LossInputs, options: CEGPPOOptions):
