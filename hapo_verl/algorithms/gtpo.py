@@ -1,0 +1,197 @@
+"""GTPO, Group Token Policy Optimization (arXiv 2508.04349, "GTPO and GRPO-S: Token and Sequence-Level Reward
+Shaping with Policy Entropy"): entropy-shaped token rewards, then token-level advantages.
+
+Equation numbers are those of arXiv v5 (2025-09-26), the last version whose full text we could read; the latest
+(v6, 2026-02, the ICML 2026 version) keeps these formulas in a third-party reimplementation that cites its numbering
+(textpolicy: Eq. 3, 5, 6). docs/gtpo.md pairs each equation with the code and lists the choices made.
+
+In a prompt's group, O⁺ are the correct responses (score > ``correct_threshold``) and O⁻ the wrong ones. With the
+old-policy token entropy H (detached), ``d_t`` / ``h_t`` the numbers of correct / wrong responses still active at
+position t (response mask set), and a response inactive at t counting as H = 0:
+
+    Eq. 2   r̃⁺_{i,t} = α₁·r_i + α₂ · H_{i,t} / Σ_{k∈O⁺} H_{k,t} · d_t                     (o_i ∈ O⁺)
+    Eq. 3   r̃⁻_{j,t} = α₁·(−1) − α₂ · (1/H_{j,t}) / Σ_{k∈O⁻} (1/H_{k,t}) · h_t             (o_j ∈ O⁻)
+    Eq. 4   Ã⁺ = (r̃⁺ − mean(R̃⁺)) / std(R̃⁺),   Ã⁻ = (r̃⁻ − mean(R̃⁻)) / std(R̃⁻)
+
+R̃⁺ / R̃⁻ are all shaped token rewards of the correct / wrong responses of the whole batch (Eq. 4 as written:
+``normalization=separate``). ``normalization=joint`` whitens all tokens of the batch together, the reading under
+which the paper's §2.4.2 claim E[Ã] ≈ E[Â] holds (docs/gtpo.md). Every H enters as H + ε (Remark 2.1 of v6 adds ε
+against 1/0), so zero entropy gives finite weights that tend to the equal-entropy weights.
+
+The computation streams over blocks of rows twice (group-position sums, then the advantages), so that no (B, L)
+temporary is allocated besides the output; every operation inside a block is vectorised over all its rows and
+positions. A normalisation set whose spread is below float32 resolution is constant: its advantages are 0, as the
+exact formula gives (its shaped rewards all equal their mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hapo_verl.algorithms.groups import num_groups
+from hapo_verl.registry import OLD_ENTROPY, AdvantageInputs, algorithm, option
+
+PAPER = "GTPO and GRPO-S, arXiv 2508.04349 (https://arxiv.org/abs/2508.04349)"
+#: elements per block of the streaming passes (16 MiB of float32 per temporary)
+BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class GTPOOptions:
+    """``algorithm.gtpo.*`` with ``adv_estimator=gtpo``."""
+
+    alpha1: float = option(1.0, "α₁: weight of the response's own reward in each token reward (Eq. 2-3).",
+                           low=0.0, paper=PAPER + ", §3.1: α₁ = 1")
+    alpha2: float = option(0.1, "α₂: weight of the entropy term (Eq. 2-3); 0 switches it off.",
+                           low=0.0, paper=PAPER + ", §3.1: α₂ = 0.1")
+    normalization: str = option(
+        "separate", "separate: correct and wrong tokens each whitened over the batch (Eq. 4 as written); joint: all "
+        "tokens of the batch whitened together (the reading of the paper's §2.4.2 analysis).",
+        choices=("separate", "joint"), paper=PAPER + ", Eq. 4")
+    base_reward: str = option(
+        "paper", "paper: α₁·r_i for correct and α₁·(−1) for wrong responses (Eq. 2-3); score: α₁·r for both "
+        "(keeps reward shaping such as DAPO's overlong penalty on wrong responses).",
+        choices=("paper", "score"), paper=PAPER + ", Eq. 2-3")
+    correct_threshold: float = option(
+        0.0, "A response is correct (O⁺) when its score is above this; 0 fits 0/1 and ±1 rewards.")
+    epsilon: float = option(1e-6, "ε added to every entropy (against 1/0) and to the std of Eq. 4.",
+                            low=0.0, high=1.0, low_open=True, paper=PAPER + ", Remark 2.1 (v6)")
+
+
+def _token_values(entropy: torch.Tensor, mask: torch.Tensor, positive: torch.Tensor, epsilon: float,
+                  out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """X = H + ε on correct rows, 1 / (H + ε) on wrong rows, 0 where the mask is off, for one block of rows, written
+    into ``out`` (``spare``: a buffer of the same shape)."""
+    torch.add(entropy, epsilon, out=out)
+    torch.reciprocal(out, out=spare)
+    torch.where(positive[:, None], out, spare, out=out)
+    return out.mul_(mask)
+
+
+def _blocks(rows: int, length: int, block_rows: int | None):
+    step = block_rows or max(1, BLOCK_ELEMENTS // max(1, length))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def gtpo_advantage(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    entropy: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    normalization: str = "separate",
+    base_reward: str = "paper",
+    correct_threshold: float = 0.0,
+    epsilon: float = 1e-6,
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token advantages (B, L) of Eq. 2-4 (module docstring) from per-response scores (B,), the response mask, the
+    old-policy entropy (B, L) and contiguous group ids (B,). Returns (advantages, statistics)."""
+    if normalization not in ("separate", "joint"):
+        raise ValueError(f"algorithm.gtpo.normalization must be separate or joint, got {normalization!r}")
+    if base_reward not in ("paper", "score"):
+        raise ValueError(f"algorithm.gtpo.base_reward must be paper or score, got {base_reward!r}")
+    rows, length = response_mask.shape
+    device = response_mask.device
+    out = torch.empty(rows, length, dtype=torch.float32, device=device)
+    if rows == 0 or length == 0:
+        return out, {}
+    scores = scores.detach().to(torch.float64)
+    positive = scores > correct_threshold
+    sign = positive.to(torch.float64) * 2.0 - 1.0
+    base = alpha1 * scores if base_reward == "score" else torch.where(positive, alpha1 * scores,
+                                                                        torch.full_like(scores, -alpha1))
+    key = 2 * group_ids.to(device) + positive.long()  # (group, sign) cell of each row
+    cells = 2 * num_groups(group_ids)
+    mask = response_mask.to(torch.float32)
+    entropy = entropy.detach().to(torch.float32)
+    blocks = _blocks(rows, length, block_rows)
+
+    # pass 1: per cell and position t, Σ X (the denominators of Eq. 2-3), the active count d_t / h_t, Σ X² and
+    # Σ base·X (for the moments of Eq. 4, computed without materialising the shaped rewards)
+    s_x = torch.zeros(cells, length, dtype=torch.float32, device=device)
+    active = torch.zeros_like(s_x)
+    s_xx = torch.zeros_like(s_x)
+    s_bx = torch.zeros_like(s_x)
+    base32 = base.to(torch.float32)
+    step = blocks[0][1]
+    x_buf = torch.empty(step, length, dtype=torch.float32, device=device)
+    spare = torch.empty_like(x_buf)
+    for start, stop in blocks:
+        m, k = mask[start:stop], key[start:stop]
+        x, tmp = x_buf[:stop - start], spare[:stop - start]
+        _token_values(entropy[start:stop], m, positive[start:stop], epsilon, x, tmp)
+        # index_put_ with accumulate: a sort-based row accumulation, several times faster on CPU than index_add_
+        s_x.index_put_((k,), x, accumulate=True)
+        active.index_put_((k,), m, accumulate=True)
+        s_bx.index_put_((k,), torch.mul(x, base32[start:stop, None], out=tmp), accumulate=True)
+        s_xx.index_put_((k,), torch.mul(x, x, out=tmp), accumulate=True)
+    s_x, active, s_xx, s_bx = (t.to(torch.float64) for t in (s_x, active, s_xx, s_bx))
+
+    # bonus b_{i,t} = F[cell, t] · X_{i,t} with F = α₂ · count / Σ X (0 at positions where the cell is empty)
+    f64 = torch.where(active > 0, alpha2 * active / s_x.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.zeros((), dtype=torch.float64, device=device))
+    factor = f64.to(torch.float32)
+    cell_tokens = active.sum(-1)
+    cell_bonus = (f64 * s_x).sum(-1)  # Σ_i Σ_t b over each cell
+    cell_bonus_sq = (f64.square() * s_xx).sum(-1)  # Σ b²
+    cell_base_bonus = (f64 * s_bx).sum(-1)  # Σ base·b
+    lengths = mask.sum(-1).to(torch.float64)
+    cell_sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(cells // 2)
+    cell_base = torch.zeros(cells, dtype=torch.float64, device=device).index_add_(0, key, base * lengths)
+    cell_base_sq = torch.zeros(cells, dtype=torch.float64, device=device).index_add_(0, key, base.square() * lengths)
+    # Eq. 4: moments of r̃ = base + sign·b over each normalisation set (correct / wrong tokens, or all tokens)
+    total = cell_base + cell_sign * cell_bonus
+    total_sq = cell_base_sq + 2 * cell_sign * cell_base_bonus + cell_bonus_sq
+    sets = (torch.arange(cells, device=device) % 2) if normalization == "separate" else \
+        torch.zeros(cells, dtype=torch.long, device=device)
+    n = torch.zeros(2, dtype=torch.float64, device=device).index_add_(0, sets, cell_tokens)
+    s1 = torch.zeros_like(n).index_add_(0, sets, total)
+    s2 = torch.zeros_like(n).index_add_(0, sets, total_sq)
+    mean = s1 / n.clamp_min(1.0)
+    var = ((s2 - n * mean.square()) / (n - 1.0).clamp_min(1.0)).clamp_min(0.0)
+    std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+    # a spread below float32 resolution (relative 1e-5) is rounding: the set is constant, its exact advantages 0
+    rms = (s2 / n.clamp_min(1.0)).clamp_min(0.0).sqrt()
+    constant = std <= 1e-5 * rms
+    row_set = sets[key]
+    scale = torch.where(constant, torch.zeros_like(std), 1.0 / (std + epsilon))[row_set]
+    row_shift = ((base - mean[row_set]) * scale).to(torch.float32)
+    row_scale = (sign * scale).to(torch.float32)
+
+    # pass 2: Ã = (base − mean) / (std + ε) + sign · b / (std + ε) on the active tokens
+    for start, stop in blocks:
+        m, k = mask[start:stop], key[start:stop]
+        x, tmp = x_buf[:stop - start], spare[:stop - start]
+        _token_values(entropy[start:stop], m, positive[start:stop], epsilon, x, tmp)
+        block = torch.index_select(factor, 0, k, out=out[start:stop]).mul_(x)
+        block.mul_(row_scale[start:stop, None]).addcmul_(m, row_shift[start:stop, None])
+
+    tokens = cell_tokens.sum().clamp_min(1.0)
+    stats = {"correct_token_fraction": float(cell_tokens[1::2].sum() / tokens),
+             "shaped_reward_mean": float(total.sum() / tokens),
+             "bonus_mean": float(cell_bonus.sum() / tokens)}
+    if normalization == "separate":
+        stats.update(std_correct=float(std[1]), std_wrong=float(std[0]))
+    else:
+        stats["std"] = float(std[0])
+    return out, stats
+
+
+@algorithm("advantage", name="gtpo", title="GTPO", paper=PAPER,
+           summary="Entropy-shaped token rewards: more credit to uncertain tokens of correct responses, more blame "
+                   "to confident tokens of wrong ones; token-level advantages.",
+           estimator_options=GTPOOptions, estimator_needs=frozenset({OLD_ENTROPY}))
+def gtpo_estimator(inputs: AdvantageInputs, options: GTPOOptions):
+    mask = inputs.response_mask
+    scores = inputs.token_level_rewards.sum(-1)  # as verl's GRPO (rewards are 0 outside the mask)
+    advantages, stats = gtpo_advantage(
+        scores, mask, inputs.entropy, inputs.group_ids, alpha1=options.alpha1, alpha2=options.alpha2,
+        normalization=options.normalization, base_reward=options.base_reward,
+        correct_threshold=options.correct_threshold, epsilon=options.epsilon)
+    advantages = advantages.to(inputs.token_level_rewards.dtype)
+    return advantages, advantages, {f"gtpo/{k}": v for k, v in stats.items()}

@@ -1,0 +1,342 @@
+"""GTPO and GRPO-S (arXiv 2508.04349): loop references written from the paper's equations against the vectorised
+estimators, hand values, degenerate inputs, GRPO-S with β₂ = 0 against verl's GRPO, start-up checks, composition
+with HAPO's adaptive temperature, and 2-step CPU runs through the trainer."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from loss_test_utils import two_step_run_metrics
+
+from hapo_verl.algorithms.grpo_s import grpo_s_shaped_rewards, response_mean_entropy
+from hapo_verl.algorithms.gtpo import gtpo_advantage
+from hapo_verl.algorithms.groups import grpo_sequence_advantage
+from hapo_verl.integration.estimator import LAST_METRICS, EstimatorNeedsTrainerError, estimator_inputs
+
+
+# ------------------------------------------------------------------------------------------------ loop references
+def gtpo_loop(scores, mask, entropy, groups, *, alpha1=1.0, alpha2=0.1, normalization="separate",
+              base_reward="paper", threshold=0.0, eps=1e-6):
+    """Eq. 2-4 of arXiv 2508.04349 (v5), one token at a time, in float64 Python."""
+    B, L = mask.shape
+    scores, mask, entropy = scores.tolist(), mask.tolist(), entropy.tolist()
+    correct = [s > threshold for s in scores]
+    shaped = [[None] * L for _ in range(B)]
+    for g in set(groups):
+        rows = [i for i in range(B) if groups[i] == g]
+        for t in range(L):
+            pos = [i for i in rows if correct[i] and mask[i][t]]
+            neg = [i for i in rows if not correct[i] and mask[i][t]]
+            for i in pos:  # Eq. 2
+                base = alpha1 * scores[i]
+                shaped[i][t] = base + alpha2 * (entropy[i][t] + eps) / sum(entropy[k][t] + eps for k in pos) * len(pos)
+            for j in neg:  # Eq. 3
+                base = alpha1 * scores[j] if base_reward == "score" else -alpha1
+                inv = 1.0 / (entropy[j][t] + eps)
+                shaped[j][t] = base - alpha2 * inv / sum(1.0 / (entropy[k][t] + eps) for k in neg) * len(neg)
+    sets = [True, False] if normalization == "separate" else [None]
+    out = [[0.0] * L for _ in range(B)]
+    for which in sets:  # Eq. 4 (or all tokens together)
+        cells = [(i, t) for i in range(B) for t in range(L)
+                 if shaped[i][t] is not None and (which is None or correct[i] == which)]
+        if not cells:
+            continue
+        values = [shaped[i][t] for i, t in cells]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        for i, t in cells:
+            out[i][t] = (shaped[i][t] - mean) / (std + eps)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def grpo_s_loop(scores, mask, entropy, groups, *, beta1=1.0, beta2=0.1, base_reward="paper", threshold=0.0,
+                eps=1e-6, norm_by_std=True):
+    """Eq. 6 of arXiv 2508.04349 (v5) and GRPO's normalisation within each group (verl's conventions: unbiased std,
+    a group of one has mean 0 and std 1), one response at a time."""
+    B = len(scores)
+    scores, mask, entropy = scores.tolist(), mask.tolist(), entropy.tolist()
+    mean_h = [sum(h * m for h, m in zip(entropy[i], mask[i])) / max(1.0, sum(mask[i])) for i in range(B)]
+    correct = [s > threshold for s in scores]
+    shaped = [0.0] * B
+    for g in set(groups):
+        rows = [i for i in range(B) if groups[i] == g]
+        pos = [i for i in rows if correct[i]]
+        neg = [i for i in rows if not correct[i]]
+        for i in pos:
+            shaped[i] = beta1 * scores[i] + beta2 * (mean_h[i] + eps) / sum(mean_h[k] + eps for k in pos) * len(pos)
+        for j in neg:
+            base = beta1 * scores[j] if base_reward == "score" else -beta1
+            inv = 1.0 / (mean_h[j] + eps)
+            shaped[j] = base - beta2 * inv / sum(1.0 / (mean_h[k] + eps) for k in neg) * len(neg)
+    adv = [0.0] * B
+    for g in set(groups):
+        rows = [i for i in range(B) if groups[i] == g]
+        vals = [shaped[i] for i in rows]
+        if len(rows) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for i in rows:
+            adv[i] = (shaped[i] - mean) / (std + eps) if norm_by_std else shaped[i] - mean
+    return torch.tensor([[a * m for m in mask[i]] for i, a in enumerate(adv)], dtype=torch.float64)
+
+
+def random_batch(seed, max_len=9, holes=True):
+    """Interleaved groups of sizes 1..16 (shuffled rows), 0/1 or ±1 rewards, prefix masks (some of length 0 or 1)
+    with optional holes (multi-turn masks), entropies with exact zeros and ties."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 16) for _ in range(rng.randint(1, 6))]
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    rng.shuffle(groups)
+    B, L = len(groups), rng.randint(1, max_len)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
+    if holes:
+        mask = mask * (torch.rand(B, L, generator=g) > 0.15).float()
+    entropy = torch.rand(B, L, generator=g) * 3
+    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.0
+    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.5
+    if seed % 2:
+        scores = torch.randint(0, 2, (B,), generator=g).float()
+    else:
+        scores = torch.randint(0, 2, (B,), generator=g).float() * 2 - 1
+    return scores, mask, entropy, groups
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_gtpo_vectorised_equals_the_loop_reference(seed):
+    scores, mask, entropy, groups = random_batch(seed)
+    rng = random.Random(seed)
+    kw = dict(alpha1=rng.choice([1.0, 0.9]), alpha2=rng.choice([0.1, 0.2, 0.0]),
+              normalization=rng.choice(["separate", "joint"]), base_reward=rng.choice(["paper", "score"]))
+    expected = gtpo_loop(scores, mask, entropy, groups, **kw)
+    for block_rows in (None, 1, 3):  # one block, and the streaming passes over several
+        got, _ = gtpo_advantage(scores, mask, entropy, torch.tensor(groups), block_rows=block_rows, **kw)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
+        assert (got[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_grpo_s_vectorised_equals_the_loop_reference(seed):
+    scores, mask, entropy, groups = random_batch(seed)
+    rng = random.Random(seed)
+    kw = dict(beta1=rng.choice([1.0, 0.9]), beta2=rng.choice([0.1, 0.2, 0.0]),
+              base_reward=rng.choice(["paper", "score"]))
+    norm = rng.choice([True, False])
+    expected = grpo_s_loop(scores, mask, entropy, groups, norm_by_std=norm, **kw)
+    estimator = _estimator("grpo_s")
+    uid = np.array([f"u{g}" for g in groups], dtype=object)
+    with estimator_inputs(entropy=entropy):
+        got, _ = estimator(scores[:, None] * torch.nn.functional.one_hot(torch.zeros(len(groups), dtype=torch.long),
+                                                                          mask.shape[1]).float(),
+                           mask, index=uid, config={"grpo_s": {**kw, "norm_adv_by_std": norm}})
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gtpo_hand_values():
+    # one group: two correct responses with H = [3, 1] and [1, 3], one wrong response (alone in O⁻)
+    scores = torch.tensor([1.0, 1.0, 0.0])
+    mask = torch.ones(3, 2)
+    entropy = torch.tensor([[3.0, 1.0], [1.0, 3.0], [2.0, 2.0]])
+    # Eq. 2: r̃⁺ = 1 + 0.1 · H / 4 · 2 -> 1.15 (H = 3) and 1.05 (H = 1); Eq. 4 over those four tokens:
+    # mean 1.1, unbiased std sqrt(4 · 0.05² / 3); the wrong response's tokens are all -1.1: advantage 0
+    a = 0.05 / math.sqrt(4 * 0.05 ** 2 / 3)
+    got, stats = gtpo_advantage(scores, mask, entropy, torch.zeros(3, dtype=torch.long), epsilon=1e-12)
+    torch.testing.assert_close(got, torch.tensor([[a, -a], [-a, a], [0.0, 0.0]]), rtol=1e-5, atol=1e-6)
+    assert stats["std_wrong"] == 0.0 and stats["correct_token_fraction"] == pytest.approx(4 / 6)
+    # joint: the six tokens together (1.15, 1.05, 1.05, 1.15, -1.1, -1.1)
+    vals = torch.tensor([1.15, 1.05, 1.05, 1.15, -1.1, -1.1], dtype=torch.float64)
+    want = ((vals - vals.mean()) / vals.std()).reshape(3, 2).float()
+    got, _ = gtpo_advantage(scores, mask, entropy, torch.zeros(3, dtype=torch.long), normalization="joint",
+                            epsilon=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a response active alone at t gets the whole entropy share: d_t = 1, weight 1
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    ref = gtpo_loop(scores, mask, entropy, [0, 0, 0], eps=1e-12)
+    got, _ = gtpo_advantage(scores, mask, entropy, torch.zeros(3, dtype=torch.long), epsilon=1e-12)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_entropy_blames_confident_wrong_tokens_more():
+    scores = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    mask = torch.ones(4, 1)
+    entropy = torch.tensor([[0.1], [2.0], [0.1], [2.0]])
+    got, _ = gtpo_advantage(scores, mask, entropy, torch.zeros(4, dtype=torch.long))
+    assert got[0, 0] < got[1, 0]  # the confident mistake gets the lower advantage
+    assert got[3, 0] > got[2, 0]  # the uncertain correct token gets the higher advantage
+
+
+def test_alpha2_zero_leaves_only_the_base_reward():
+    scores, mask, entropy, groups = random_batch(3)
+    gid = torch.tensor(groups)
+    # Eq. 4 as written: every correct token has reward α₁, every wrong one -α₁; each set is constant -> 0
+    got, _ = gtpo_advantage(scores, mask, entropy, gid, alpha2=0.0)
+    assert (got == 0).all()
+    # joint: ±α₁ whitened over all tokens of the batch
+    got, _ = gtpo_advantage(scores, mask, entropy, gid, alpha2=0.0, normalization="joint")
+    r = torch.where(scores > 0, 1.0, -1.0)[:, None].expand_as(mask).double()
+    valid = mask.bool()
+    want = torch.zeros_like(r)
+    want[valid] = (r[valid] - r[valid].mean()) / (r[valid].std() + 1e-6)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rewards", ["binary", "plus_minus_one"])
+def test_grpo_s_with_beta2_zero_is_verl_grpo(rewards):
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    for seed in range(6):
+        scores, mask, entropy, groups = random_batch(seed, holes=False)
+        if rewards == "binary":
+            scores = (scores > 0).float()
+            # verl gives a group of one its raw score, GRPO-S β₁·(−1) for a wrong one: compare groups of 2..16
+            keep = [i for i, g in enumerate(groups) if groups.count(g) > 1]
+            scores, mask, entropy, groups = scores[keep], mask[keep], entropy[keep], [groups[i] for i in keep]
+            if not groups:
+                continue
+        else:
+            scores = torch.where(scores > 0, 1.0, -1.0)
+        tlr = torch.zeros_like(mask)
+        tlr[:, 0] = scores
+        uid = np.array([f"u{g}" for g in groups], dtype=object)
+        want, _ = compute_grpo_outcome_advantage(tlr, mask, uid)
+        with estimator_inputs(entropy=entropy):
+            got, _ = _estimator("grpo_s")(tlr, mask, index=uid, config={"grpo_s": {"beta2": 0.0}})
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with estimator_inputs(entropy=entropy):  # the entropy term on: no longer GRPO
+            got, _ = _estimator("grpo_s")(tlr, mask, index=uid, config={"grpo_s": {"beta2": 0.5}})
+        assert not torch.allclose(got, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["gtpo", "grpo_s"])
+def test_degenerate_inputs_give_finite_advantages(name):
+    estimator = _estimator(name)
+    L = 4
+    cases = {
+        "singletons": (torch.tensor([1.0, 0.0, 1.0]), torch.ones(3, L), ["a", "b", "c"]),
+        "all equal rewards": (torch.ones(4), torch.ones(4, L), ["a"] * 4),
+        "all wrong": (torch.zeros(4), torch.ones(4, L), ["a"] * 4),
+        "length 1": (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([[1.0, 0, 0, 0]] * 4), ["a", "a", "b", "b"]),
+        "all padding": (torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3, L), ["a", "a", "b"]),
+        "some padding rows": (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([[1.0] * L, [0.0] * L] * 2),
+                              ["a", "a", "a", "a"]),
+    }
+    for case, (scores, mask, uid) in cases.items():
+        tlr = torch.zeros_like(mask)
+        tlr[:, 0] = scores
+        for entropy in (torch.zeros_like(mask), torch.full_like(mask, 0.7), torch.rand(mask.shape) * 5):
+            with estimator_inputs(entropy=entropy):
+                adv, ret = estimator(tlr, mask, index=np.array(uid, dtype=object), config={})
+            assert torch.isfinite(adv).all(), (name, case, adv)
+            assert (adv[mask == 0] == 0).all(), (name, case)
+            assert adv.abs().max() < 1e3, (name, case, adv)
+        assert all(math.isfinite(v) for v in LAST_METRICS.values()), LAST_METRICS
+    # zero entropy everywhere: all weights equal, as with equal entropies (responses with at least one token)
+    scores, mask, _, groups = random_batch(5)
+    keep = mask.sum(-1) > 0
+    scores, mask, groups = scores[keep], mask[keep], [g for g, k in zip(groups, keep.tolist()) if k]
+    tlr = torch.zeros_like(mask)
+    tlr[:, 0] = scores
+    uid = np.array(groups, dtype=object)
+    outs = []
+    for value in (0.0, 1.0):
+        with estimator_inputs(entropy=torch.full_like(mask, value)):
+            outs.append(estimator(tlr, mask, index=uid, config={})[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def _estimator(name):
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    import hapo_verl  # noqa: F401  (registration through verl's plugin)
+
+    return get_adv_estimator_fn(name)
+
+
+@pytest.mark.parametrize("name", ["gtpo", "grpo_s"])
+def test_estimators_need_the_old_entropy_from_the_trainer_and_report_metrics(name):
+    mask = torch.ones(4, 3)
+    tlr = torch.zeros(4, 3)
+    tlr[:, -1] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    uid = np.array(["a", "a", "b", "b"], dtype=object)
+    with pytest.raises(EstimatorNeedsTrainerError, match="hapo-verl"):
+        _estimator(name)(tlr, mask, index=uid, config={})
+    LAST_METRICS.clear()
+    with estimator_inputs(entropy=torch.rand(4, 3)):
+        _estimator(name)(tlr, mask, index=uid, config={})
+    assert any(k.startswith(f"{name}/") for k in LAST_METRICS), LAST_METRICS
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+BASE = [
+    "actor_rollout_ref.model.path=/nonexistent",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "data.train_batch_size=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    "trainer.n_gpus_per_node=1",
+    "actor_rollout_ref.rollout.n=2",
+]
+
+
+@pytest.mark.parametrize("config,key,value,match", [
+    ("gtpo", "alpha3", 1.0, r"unknown option algorithm\.gtpo\.alpha3\b"),
+    ("gtpo", "alpha2", -0.1, r"algorithm\.gtpo\.alpha2 must be in \[0, inf\)"),
+    ("gtpo", "normalization", "group", r"algorithm\.gtpo\.normalization must be one of separate, joint"),
+    ("gtpo", "epsilon", 0.0, r"algorithm\.gtpo\.epsilon must be in \(0, 1\]"),
+    ("grpo_s", "beta3", 1.0, r"unknown option algorithm\.grpo_s\.beta3\b"),
+    ("grpo_s", "beta1", -1.0, r"algorithm\.grpo_s\.beta1 must be in \[0, inf\)"),
+    ("grpo_s", "base_reward", "raw", r"algorithm\.grpo_s\.base_reward must be one of paper, score"),
+    ("grpo_s", "norm_adv_by_std", 3, r"algorithm\.grpo_s\.norm_adv_by_std must be true or false"),
+])
+def test_bad_options_are_rejected_at_start_up_naming_the_key(config, key, value, match):
+    from hapo_verl.launcher import compose, prepare_config
+
+    with pytest.raises(ValueError, match=match):
+        prepare_config(compose(config, BASE + [f"++algorithm.{config}.{key}={value}"]))
+
+
+def test_group_estimators_need_several_responses_per_prompt():
+    from hapo_verl.launcher import compose, prepare_config
+
+    for name in ("gtpo", "grpo_s"):
+        with pytest.raises(ValueError, match=rf"adv_estimator={name} .*rollout\.n must be >= 2, got 1"):
+            prepare_config(compose(name, BASE + ["actor_rollout_ref.rollout.n=1"]))
+
+
+@pytest.mark.parametrize("name", ["gtpo", "grpo_s"])
+def test_composes_with_hapo_adaptive_temperature_and_hapo_loss(name):
+    """HAPO's adaptive temperature sampling runs beside either estimator: the step plan computes the old-policy
+    entropy once, hands it to the estimator and runs HAPO's rollout-statistics hook; HAPO's loss (AAC, DAR) takes the
+    estimator's advantages."""
+    from hapo_verl.launcher import compose, prepare_config
+    from hapo_verl.trainer.hapo_trainer import StepPlan
+
+    cfg = compose(name, BASE + ["hapo.adaptive_temperature=true", "hapo.temperature_tau=0.05",
+                                "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn"])
+    prepare_config(cfg)
+    plan = StepPlan.from_config(cfg)
+    assert plan.estimator_spec.name == name and plan.adaptive_temperature and plan.needs_old_policy
+    assert [spec.name for spec, _ in plan.batch_stats_hooks()] == ["hapo"]
+    cfg = compose(name, BASE + ["actor_rollout_ref.actor.policy_loss.loss_mode=hapo"])
+    prepare_config(cfg)
+    plan = StepPlan.from_config(cfg)
+    assert plan.estimator_spec.name == name and plan.loss_spec.name == "hapo"
+
+
+@pytest.mark.parametrize("name", ["gtpo", "grpo_s"])
+def test_two_step_cpu_run_through_the_trainer(name, tmp_path):
+    metrics = two_step_run_metrics(name, tmp_path)
+    keys = {"gtpo": ("gtpo/bonus_mean", "gtpo/std_correct", "gtpo/correct_token_fraction"),
+            "grpo_s": ("grpo_s/shaped_reward_mean", "grpo_s/mean_entropy", "grpo_s/correct_fraction")}[name]
+    for step in (1, 2):
+        for key in (*keys, "actor/pg_loss"):
+            assert key in metrics[step], (step, key, sorted(metrics[step]))
+            assert math.isfinite(float(metrics[step][key])), (step, key, metrics[step][key])
