@@ -138,6 +138,91 @@ def test_grpo_s_vectorised_equals_the_loop_reference(seed):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def equal_size_batch(seed, size, layout):
+    """A random_batch regrouped into groups of ``size`` rows: consecutive blocks in a shuffled group order
+    (``contiguous``, verl's rollout layout) or rows shuffled over the batch (``interleaved``, after balance_batch)."""
+    scores, mask, entropy, _ = random_batch(seed)
+    rows = len(scores) - len(scores) % size
+    if rows == 0:
+        scores, mask, entropy = scores.repeat(size), mask.repeat(size, 1), entropy.repeat(size, 1)
+        rows = size
+    scores, mask, entropy = scores[:rows], mask[:rows], entropy[:rows]
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(rows // size, generator=g).repeat_interleave(size)
+    groups = blocks if layout == "contiguous" else blocks[torch.randperm(rows, generator=g)]
+    return scores, mask, entropy, groups
+
+
+def test_equal_size_groups_detects_the_layout():
+    from hapo_verl.algorithms.groups import equal_size_groups
+
+    assert equal_size_groups(torch.tensor([2, 2, 0, 0, 1, 1]), 3) == (2, None)  # blocks, in any group order
+    size, order = equal_size_groups(torch.tensor([1, 0, 2, 0, 1, 2]), 3)
+    assert size == 2 and order.tolist() == [1, 3, 0, 4, 2, 5]
+    assert equal_size_groups(torch.tensor([0, 0, 0, 1, 1, 2]), 3) is None  # sizes 3, 2, 1
+    assert equal_size_groups(torch.tensor([0, 1, 1, 0]), 2)[1] is not None  # equal sizes, not consecutive
+    assert equal_size_groups(torch.tensor([0, 0, 1]), 2) is None
+    assert equal_size_groups(torch.tensor([0, 1, 2]), 3) == (1, None)
+    for seed in range(6):
+        groups = torch.randperm(60, generator=torch.Generator().manual_seed(seed)) % 12
+        size, order = equal_size_groups(groups, 12)
+        blocks = groups[order].view(12, size)
+        assert size == 5 and (blocks == blocks[:, :1]).all() and sorted(blocks[:, 0].tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("seed", range(10))
+def test_gtpo_grouped_path_equals_the_loop_and_the_general_path(seed, layout, monkeypatch):
+    import hapo_verl.algorithms.gtpo as gtpo
+
+    size = [1, 2, 3, 4, 8, 16][seed % 6]
+    scores, mask, entropy, groups = equal_size_batch(seed, size, layout)
+    rng = random.Random(seed)
+    kw = dict(alpha1=rng.choice([1.0, 0.9]), alpha2=rng.choice([0.1, 0.2, 0.0]),
+              normalization=rng.choice(["separate", "joint"]), base_reward=rng.choice(["paper", "score"]))
+    general, general_stats = gtpo_advantage(scores, mask, entropy, groups, grouped=False, **kw)
+    expected = gtpo_loop(scores, mask, entropy, groups.tolist(), **kw)
+
+    def no_scatter(*args, **kwargs):
+        raise AssertionError("equal-size groups took the scatter path")
+
+    monkeypatch.setattr(gtpo, "_cell_sums_scatter", no_scatter)
+    for block_rows in (None, 1, 2 * size + 1):  # one block; one group per block; blocks of two groups
+        got, stats = gtpo_advantage(scores, mask, entropy, groups, block_rows=block_rows, **kw)
+        torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(got, general, rtol=1e-5, atol=1e-5)
+        assert stats.keys() == general_stats.keys()
+        for key in stats:
+            assert stats[key] == pytest.approx(general_stats[key], rel=1e-6, abs=1e-9), key
+        assert (got[mask == 0] == 0).all()
+
+
+def test_gtpo_grouped_path_on_degenerate_inputs(monkeypatch):
+    import hapo_verl.algorithms.gtpo as gtpo
+
+    L = 4
+    cases = {
+        "singletons": (torch.tensor([1.0, 0.0, 1.0]), torch.ones(3, L), [0, 1, 2]),
+        "all equal rewards": (torch.ones(4), torch.ones(4, L), [0, 1, 1, 0]),
+        "all wrong": (torch.zeros(4), torch.ones(4, L), [1, 1, 0, 0]),
+        "length 1": (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([[1.0, 0, 0, 0]] * 4), [0, 1, 0, 1]),
+        "all padding": (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.zeros(4, L), [0, 0, 1, 1]),
+        "some padding rows": (torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([[1.0] * L, [0.0] * L] * 2),
+                              [0, 1, 1, 0]),
+    }
+    for case, (scores, mask, groups) in cases.items():
+        for entropy in (torch.zeros_like(mask), torch.full_like(mask, 0.7), torch.rand(mask.shape) * 5):
+            gid = torch.tensor(groups)
+            general, _ = gtpo_advantage(scores, mask, entropy, gid, grouped=False)
+            with monkeypatch.context() as m:
+                m.setattr(gtpo, "_cell_sums_scatter", None)  # the grouped path must not need it
+                got, _ = gtpo_advantage(scores, mask, entropy, gid)
+            assert torch.isfinite(got).all() and (got[mask == 0] == 0).all(), case
+            # (not against the loop: with zero entropy, 1/ε = 1e6 makes float32 rounding visible; the general path
+            # rounds alike)
+            torch.testing.assert_close(got, general, rtol=1e-6, atol=1e-6)
+
+
 def test_gtpo_hand_values():
     # one group: two correct responses with H = [3, 1] and [1, 3], one wrong response (alone in O⁻)
     scores = torch.tensor([1.0, 1.0, 0.0])

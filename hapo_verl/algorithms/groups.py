@@ -25,6 +25,25 @@ def num_groups(group_ids: torch.Tensor) -> int:
     return int(group_ids.max().item()) + 1 if group_ids.numel() else 0
 
 
+def equal_size_groups(group_ids: torch.Tensor, count: int) -> tuple[int, torch.Tensor | None] | None:
+    """The layout of ``count`` groups (contiguous ids 0..count-1) when every group has the same size n, as verl's
+    rollout makes them (``rollout.n`` responses per prompt; dynamic sampling keeps whole groups): ``(n, order)``,
+    where ``order`` (B,) lists the rows group after group, so that ``x[order].view(count, n, ...)`` puts each group
+    on one slice of dim 0 (block j holds group ``group_ids[order[j * n]]``), and is None when the rows already are
+    such blocks (each n consecutive rows one group, in any group order: ``x.view(count, n, ...)`` directly). None when
+    the sizes differ. Vectorised, two host syncs (call it on the driver, not in a loss)."""
+    rows = group_ids.numel()
+    if count <= 0 or rows % count:
+        return None
+    size = rows // count
+    if not bool((torch.bincount(group_ids.reshape(-1), minlength=count) == size).all()):
+        return None
+    blocks = group_ids.reshape(count, size)
+    if bool((blocks == blocks[:, :1]).all()):  # each block is one group, and each group has size rows: one block
+        return size, None
+    return size, torch.argsort(group_ids.reshape(-1), stable=True)
+
+
 def group_sum(values: torch.Tensor, group_ids: torch.Tensor, count: int) -> torch.Tensor:
     """(count,) sums of ``values`` (B,) per group."""
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, group_ids, values)
