@@ -87,6 +87,39 @@ def test_high_entropy_mask_is_above_the_response_quantile():
     assert high[1].nonzero().flatten().tolist() == [0]  # q0.8 of (5, 0, 1) = 3.4
 
 
+def nanquantile_high_entropy_mask(entropy, mask, quantile):
+    """The split as first written (and as the authors' code computes it): torch.nanquantile of each row's valid
+    entropies, NaN at the padding."""
+    masked = torch.where(mask, entropy.to(torch.float32), torch.full_like(entropy, float("nan"), dtype=torch.float32))
+    return mask & (masked > torch.nanquantile(masked, quantile, dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.1, 0.25, 0.5, 0.8, 0.9, 0.999])
+def test_high_entropy_mask_equals_nanquantile_with_ties_and_padding(quantile):
+    gen = torch.Generator().manual_seed(int(quantile * 1000) + 7)
+    for trial in range(40):
+        B, L = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 80, (1,), generator=gen))
+        if trial % 2:  # ties: a few distinct values
+            entropy = torch.randint(0, 4, (B, L), generator=gen).float() / 2
+        else:
+            entropy = torch.rand(B, L, generator=gen) * 3
+        if trial % 3 == 0:  # right padding, empty rows included
+            lengths = torch.randint(0, L + 1, (B,), generator=gen)
+            mask = torch.arange(L)[None] < lengths[:, None]
+        else:  # scattered padding
+            mask = torch.rand(B, L, generator=gen) < 0.7
+        if trial % 5 == 0:  # NaN and inf entropies (nanquantile skips NaN)
+            entropy[torch.rand(B, L, generator=gen) < 0.1] = float("nan")
+            entropy[torch.rand(B, L, generator=gen) < 0.05] = float("inf")
+        if trial % 7 == 0:
+            entropy = entropy.to(torch.bfloat16)
+        expected = nanquantile_high_entropy_mask(entropy, mask, quantile)
+        assert torch.equal(response_high_entropy_mask(entropy, mask, quantile), expected), (trial, B, L)
+    # the split is strict: rows of equal entropies have no high-entropy token
+    flat = torch.ones(2, 6)
+    assert not response_high_entropy_mask(flat, torch.ones(2, 6, dtype=torch.bool), quantile).any()
+
+
 def authors_code(old, new, adv, mask, high_entropy_mask_theirs, c=3.0):
     """wizard-III/Archer2.0 ``compute_policy_loss_archer`` before aggregation, transcribed (token-sum), with its
     clip values 0.2 / 0.4 and its mask argument (True for the *low*-entropy tokens)."""

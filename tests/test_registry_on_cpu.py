@@ -155,6 +155,23 @@ class _NoHostTensors(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def _refuse_host_to_device_copies(monkeypatch):
+    """``torch.tensor``/``torch.as_tensor`` of host data (a Python number or list) with a non-CPU ``device=``: on
+    CUDA a pageable host-to-device copy, a sync point. Invisible to a dispatch mode (the copy happens inside the
+    factory), so the two factories are wrapped instead."""
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def guarded(data, *args, _real=real, _name=name, **kwargs):
+            device = kwargs.get("device")
+            if not isinstance(data, torch.Tensor) and device is not None and torch.device(device).type != "cpu":
+                raise AssertionError(f"torch.{_name}({data!r}, device={device}) inside the loss: a host-to-device "
+                                     "copy (use the Python number in the arithmetic, or torch.full on the device)")
+            return _real(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, guarded)
+
+
 def _meta_inputs(B=6, L=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(L)[None, :] < torch.randint(1, L + 1, (B,), generator=g)[:, None]
@@ -166,11 +183,12 @@ def _meta_inputs(B=6, L=7, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(registry.loss_specs()))
-def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_syncs(name):
+def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_syncs(name, monkeypatch):
     """How device-agnosticism is checked on CPU: the loss runs on ``meta`` tensors (no data: any ``.item()``,
     ``.tolist()`` or Python branch on a tensor value raises) under a dispatch mode that rejects any op producing a
-    CPU tensor (a factory call without ``device=``). The batch statistics are computed on the driver beforehand,
-    as the trainer does."""
+    CPU tensor (a factory call without ``device=``), with ``torch.tensor``/``torch.as_tensor`` of host data on the
+    device refused (a host-to-device copy). The batch statistics are computed on the driver beforehand, as the
+    trainer does."""
     from loss_test_utils import actor_config
 
     from hapo_verl.integration.loss import run_loss
@@ -188,12 +206,25 @@ def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_sync
     config.global_batch_info.update(dp_size=1, batch_num_tokens=n_tok, global_batch_size=old.shape[0],
                                     loss_scale_factor=None)
     meta = [t.to("meta") for t in (old, new, adv, mask, entropy)]
+    _refuse_host_to_device_copies(monkeypatch)
     with _NoHostTensors():
         loss, metrics = run_loss(spec, options, old_log_prob=meta[0], log_prob=meta[1], advantages=meta[2],
                                  response_mask=meta[3], loss_agg_mode="token-mean", config=config, entropy=meta[4],
                                  batch_stats=stats, ref_log_prob=meta[0])
     assert loss.device.type == "meta"
     assert metrics and all(v.device.type == "meta" for v in metrics.values()), metrics
+
+
+def test_the_copy_check_catches_a_host_to_device_copy(monkeypatch):
+    x = torch.zeros(3, device="meta")
+    _refuse_host_to_device_copies(monkeypatch)
+    _ = torch.as_tensor(x, device="meta")  # a tensor already on the device: no copy
+    _ = torch.full((), 0.5, device="meta") + torch.tensor(1.0)  # on the host, or filled on the device: no copy
+    for factory in (torch.tensor, torch.as_tensor):
+        with pytest.raises(AssertionError, match="host-to-device copy"):
+            factory(0.5, device="meta")
+        with pytest.raises(AssertionError, match="host-to-device copy"):
+            factory([0.1, 0.2], dtype=torch.float64, device=x.device)
 
 
 def test_the_device_check_catches_a_host_tensor():

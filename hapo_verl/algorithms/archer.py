@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from hapo_verl.algorithms.ppo import dual_clip_ppo_token_loss, masked_mean, ppo_metrics, validate_quantile
+from hapo_verl.algorithms.ppo import (dual_clip_ppo_token_loss, masked_mean, ppo_metrics, scalar_like,
+                                       validate_quantile)
 from hapo_verl.registry import OLD_ENTROPY, LossInputs, algorithm, option
 
 PAPER = "Archer, arXiv 2507.15778 (https://arxiv.org/abs/2507.15778)"
@@ -75,9 +76,9 @@ def archer_policy_loss(
     term is added when ``ref_log_prob`` is given: per token β_low or β_high times ``kl_fn(log_prob, ref_log_prob)``,
     aggregated like the policy term. ``kl_low``/``kl_high`` are local means of the KL over each class."""
     high = high_entropy.bool() & response_mask.bool()
-    like = dict(dtype=log_prob.dtype, device=log_prob.device)
-    clip_lo = torch.where(high, torch.tensor(high_clip_low, **like), torch.tensor(clip_low, **like))
-    clip_hi = torch.where(high, torch.tensor(high_clip_high, **like), torch.tensor(clip_high, **like))
+    like = log_prob.detach()  # the four ranges are written on the device: no host-to-device copy
+    clip_lo = torch.where(high, scalar_like(high_clip_low, like), scalar_like(clip_low, like))
+    clip_hi = torch.where(high, scalar_like(high_clip_high, like), scalar_like(clip_high, like))
     pg_losses, info = dual_clip_ppo_token_loss(old_log_prob, log_prob, advantages, clip_lo, clip_hi, clip_ratio_c)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
@@ -89,8 +90,8 @@ def archer_policy_loss(
         if kl_fn is None:
             raise ValueError("archer_policy_loss: kl_fn is required with ref_log_prob")
         kld = kl_fn(log_prob, ref_log_prob)
-        kl_like = dict(dtype=kld.dtype, device=kld.device)
-        coef = torch.where(high, torch.tensor(high_kl_coef, **kl_like), torch.tensor(low_kl_coef, **kl_like))
+        kl_like = kld.detach()
+        coef = torch.where(high, scalar_like(high_kl_coef, kl_like), scalar_like(low_kl_coef, kl_like))
         loss = loss + aggregate(kld * coef, response_mask)
         metrics["kl_low"] = masked_mean(kld, low)
         metrics["kl_high"] = masked_mean(kld, high)

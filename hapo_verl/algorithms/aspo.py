@@ -22,12 +22,15 @@ used inversely, so the two inversions cancel; this module names the mask for wha
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from hapo_verl.algorithms.ppo import dual_clip_ppo_token_loss, masked_mean, ppo_metrics, validate_quantile
+from hapo_verl.algorithms.ppo import (dual_clip_ppo_token_loss, masked_mean_fn, ppo_metrics, scalar_like,
+                                       validate_quantile)
 from hapo_verl.registry import CURRENT_ENTROPY, OLD_ENTROPY, LossInputs, algorithm, option
 
 PAPER = "ASPO, arXiv 2510.06062 (https://arxiv.org/abs/2510.06062)"
@@ -60,13 +63,45 @@ class ASPOOptions:
 def response_high_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, quantile: float) -> torch.Tensor:
     """True for the valid tokens whose entropy is above the ``quantile`` of their own response's valid-token
     entropies (linear interpolation, as ``torch.nanquantile`` and the authors' code). A row's split depends on that
-    row only, so it is the same in any micro-batch."""
+    row only, so it is the same in any micro-batch.
+
+    Bit-equal to ``torch.nanquantile`` over the valid tokens (NaN entropies are skipped as it skips them) without
+    sorting every row: the two order statistics that the interpolation reads come from one ``torch.topk`` whose
+    width is fixed by the row length (:func:`_topk_width`), so nothing is read back to the host."""
     quantile = validate_quantile(quantile, "entropy_quantile")
     mask = response_mask.bool()
-    masked = torch.where(mask, entropy.detach().to(torch.float32),
-                         torch.full_like(entropy, float("nan"), dtype=torch.float32))
-    thresholds = torch.nanquantile(masked, quantile, dim=-1, keepdim=True)
-    return mask & (masked > thresholds)
+    values = entropy.detach().to(torch.float32)
+    length = values.shape[-1]
+    if values.numel() == 0 or length == 0:
+        return mask.clone()
+    valid = torch.eq(values, values).logical_and_(mask)  # not NaN, and valid
+    count = valid.sum(dim=-1, keepdim=True)
+    # torch.nanquantile: rank = q · (n − 1) in float32 (negative for an empty row: 0), lerp of the values at
+    # floor(rank) and ceil(rank) of the row sorted ascending
+    ranks = (count - 1).to(torch.float32).mul_(quantile).clamp_min_(0.0)
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    weights = ranks - below
+    width, largest = _topk_width(quantile, length)
+    fill = float("-inf") if largest else float("inf")
+    top = torch.topk(torch.where(valid, values, fill), width, dim=-1, largest=largest, sorted=True).values
+    if largest:  # ascending position p of the n valid values is position n − 1 − p from the top
+        below, above = (count - 1 - below).clamp_min_(0), (count - 1 - above).clamp_min_(0)
+    thresholds = torch.lerp(top.gather(-1, below), top.gather(-1, above), weights)
+    return mask & (values > thresholds)
+
+
+@functools.lru_cache(maxsize=64)
+def _topk_width(quantile: float, length: int) -> tuple[int, bool]:
+    """(k, largest): the fewest sorted values from one end of a row of ``length`` that hold both order statistics
+    of the ``quantile`` for every valid-token count n in 1..length (ranks computed as torch.nanquantile does, in
+    float32). The top end when that is narrower (quantiles above the median)."""
+    n = np.arange(1, length + 1, dtype=np.int64)
+    ranks = np.float32(quantile) * (n - 1).astype(np.float32)
+    below, above = np.floor(ranks).astype(np.int64), np.ceil(ranks).astype(np.int64)
+    from_bottom = int(above.max()) + 1  # ascending positions 0..ceil(rank)
+    from_top = int((n - below).max())  # descending positions 0..n − 1 − floor(rank)
+    return (from_top, True) if from_top < from_bottom else (from_bottom, False)
 
 
 def aspo_policy_loss(
@@ -86,42 +121,51 @@ def aspo_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ASPO's token loss (module docstring). ``high_entropy`` (B, L) bool gets the clip range ``high_clip``; None
     gives every token ``clip_low``/``clip_high``."""
+    bounds = None
     if high_entropy is not None:
+        # per-token bounds 1 ∓ ε, one pass each: ε in log_prob's dtype, 1 ∓ ε in the ratio's (as
+        # dual_clip_ppo_token_loss computes them from per-token ε); the four values are made on the device
+        ratio_dtype = torch.result_type(log_prob, old_log_prob)
+
+        def eps(value):
+            return scalar_like(value, log_prob).to(ratio_dtype)
+
         high = high_entropy.bool()
-        like = dict(dtype=log_prob.dtype, device=log_prob.device)
-        eps_low = torch.where(high, torch.tensor(high_clip, **like), torch.tensor(clip_low, **like))
-        eps_high = torch.where(high, torch.tensor(high_clip, **like), torch.tensor(clip_high, **like))
-    else:
-        eps_low, eps_high = clip_low, clip_high
+        bounds = (torch.where(high, 1.0 - eps(high_clip), 1.0 - eps(clip_low)),
+                  torch.where(high, 1.0 + eps(high_clip), 1.0 + eps(clip_high)))
     # negative advantages (and the shared masks/metrics): verl's dual-clip PPO
-    pg_losses, info = dual_clip_ppo_token_loss(old_log_prob, log_prob, advantages, eps_low, eps_high, clip_ratio_c)
+    pg_losses, info = dual_clip_ppo_token_loss(old_log_prob, log_prob, advantages, clip_low, clip_high, clip_ratio_c,
+                                               bounds=bounds)
     with torch.no_grad():
         positive = advantages > 0
         # r̂ = min(r, 1 + ε_h); PPO clips a positive token exactly where r > 1 + ε_h (info["clipped"])
         ratio = info["ratio"].detach()
-        r_hat = torch.minimum(ratio, 1.0 + eps_high) if isinstance(eps_high, torch.Tensor) else \
-            ratio.clamp(max=1.0 + eps_high)
+        r_hat = ratio.clamp(max=1.0 + clip_high) if bounds is None else torch.minimum(ratio, bounds[1])
         inv = r_hat.reciprocal_()  # 1/r̂
-        pos_value = -advantages * inv
-        # ∂loss/∂log π of a positive token: −A·min(1/r, c) in the band, 0 above it (clipped)
-        weight = torch.where(info["clipped"], 0.0, inv.clamp_(max=clip_ratio_c)).mul_(advantages).neg_()
+        # negation is exact, so (−A)·x has the bits of −(A·x)
+        neg_advantages = -advantages
+        pos_value = neg_advantages * inv  # −A/r̂
+        inv.clamp_(max=clip_ratio_c)
         soft_dual = inv >= clip_ratio_c  # after the clamp: 1/r ≥ c, the weight is capped at c
+        # ∂loss/∂log π of a positive token: −A·min(1/r, c) in the band, 0 above it (clipped)
+        weight = inv.masked_fill_(info["clipped"], 0.0).mul_(neg_advantages)
         if negative_soft_dual_clip:
             neg_soft = (advantages < 0) & (ratio > clip_ratio_c)
             weight = torch.where(positive, weight, torch.where(neg_soft, advantages * -clip_ratio_c, 0.0))
     grad_term = weight * (log_prob - log_prob.detach())  # value 0, gradient ``weight``
     if negative_soft_dual_clip:  # vanilla's gradient is 0 where r > c: the term adds −c·A there
-        pg_losses = torch.where(positive, pos_value + grad_term, pg_losses + grad_term)
+        pg_losses = torch.where(positive, pos_value.add_(grad_term), pg_losses + grad_term)
     else:
-        pg_losses = torch.where(positive, pos_value + grad_term, pg_losses)
+        pg_losses = torch.where(positive, pos_value.add_(grad_term), pg_losses)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     loss = aggregate(pg_losses, response_mask)
     mask = response_mask.bool()
-    metrics = ppo_metrics(info, mask)
-    metrics["pos_soft_dual_clip_frac"] = masked_mean(soft_dual & positive, mask)
+    mean = masked_mean_fn(mask)
+    metrics = ppo_metrics(info, mask, mean)
+    metrics["pos_soft_dual_clip_frac"] = mean(soft_dual.logical_and_(positive))
     if high_entropy is not None:
-        metrics["high_entropy_frac"] = masked_mean(high_entropy, mask)
+        metrics["high_entropy_frac"] = mean(high_entropy)
     return loss, metrics
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from hapo_verl.algorithms.ppo import masked_mean
+from hapo_verl.algorithms.ppo import device_constants, masked_mean
 from hapo_verl.registry import LossInputs, algorithm, option
 
 PAPER = "BAPO, arXiv 2510.18927 (https://arxiv.org/abs/2510.18927)"
@@ -132,8 +132,8 @@ def _grid(values: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
     (no data-dependent op on the device)."""
     distinct = sorted(set(values))
     where = {v: i for i, v in enumerate(distinct)}
-    return (torch.tensor(distinct, dtype=torch.float64, device=device),
-            torch.tensor([where[v] for v in values], dtype=torch.long, device=device))
+    return (device_constants(tuple(distinct), torch.float64, torch.device(device)),
+            device_constants(tuple(where[v] for v in values), torch.long, torch.device(device)))
 
 
 def contributions_along_path(ratio: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
@@ -171,8 +171,8 @@ def search_bounds(ratio, advantages, response_mask, options: BAPOOptions,
     path = bound_path(options)
     device = ratio.device
     p, n = contributions_along_path(ratio, advantages, response_mask, [c[0] for c in path], [c[1] for c in path])
-    lows = torch.tensor([c[0] for c in path], dtype=torch.float64, device=device)
-    highs = torch.tensor([c[1] for c in path], dtype=torch.float64, device=device)
+    lows = device_constants(tuple(c[0] for c in path), torch.float64, torch.device(device))
+    highs = device_constants(tuple(c[1] for c in path), torch.float64, torch.device(device))
     if all_reduce is not None:
         p, n = all_reduce(torch.stack([p, n])).unbind(0)
     rho = positive_share(p, n)

@@ -118,5 +118,6 @@ def forking_loss(inputs: LossInputs, options: ForkingOptions):
         clip_low=inputs.clip_low, clip_high=inputs.clip_high, clip_ratio_c=inputs.clip_ratio_c,
         aggregate=lambda mat, mask: inputs.aggregate(mat, mask), rollout_is_weights=inputs.rollout_is_weights)
     if threshold is not None:
-        metrics["threshold"] = torch.tensor(threshold, device=inputs.log_prob.device)
+        # a Python float (batch statistics arrive as numbers): written on the device, no host-to-device copy
+        metrics["threshold"] = torch.full((), threshold, device=inputs.log_prob.device)
     return loss, metrics

@@ -154,7 +154,8 @@ def hapo_loss(inputs: LossInputs, options: HAPOLossOptions):
         adaptive_advantage=options.adaptive_advantage, adv_beta=float(options.adv_beta),
         aggregate=lambda mat, mask: inputs.aggregate(mat, mask), rollout_is_weights=inputs.rollout_is_weights)
     device = inputs.log_prob.device
-    metrics["stats_pivot"] = torch.tensor(stats.pivot, device=device)
-    metrics["stats_scale"] = torch.tensor(stats.scale, device=device)
+    # Python floats (EntropyStats): written on the device, no host-to-device copy
+    metrics["stats_pivot"] = torch.full((), stats.pivot, device=device)
+    metrics["stats_scale"] = torch.full((), stats.scale, device=device)
     return loss, metrics
 

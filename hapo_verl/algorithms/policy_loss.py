@@ -141,6 +141,7 @@ def hapo_policy_loss(
                 metrics["clip_lower_bound_mean"] = _masked_mean(lower, mask_f, count)
                 metrics["clip_upper_bound_mean"] = _masked_mean(upper, mask_f, count)
             else:
-                metrics["clip_lower_bound_mean"] = torch.tensor(1.0 - clip_low, device=mask_f.device)
-                metrics["clip_upper_bound_mean"] = torch.tensor(1.0 + clip_high, device=mask_f.device)
+                # Python numbers: written on the device, no host-to-device copy
+                metrics["clip_lower_bound_mean"] = torch.full((), 1.0 - clip_low, device=mask_f.device)
+                metrics["clip_upper_bound_mean"] = torch.full((), 1.0 + clip_high, device=mask_f.device)
     return loss, metrics

@@ -165,5 +165,5 @@ def stapo_loss(inputs: LossInputs, options: STAPOOptions):
         clip_low=inputs.clip_low, clip_high=inputs.clip_high, clip_ratio_c=inputs.clip_ratio_c,
         loss_agg_mode=inputs.loss_agg_mode, aggregate=inputs.aggregate, all_reduce=inputs.all_reduce,
         rollout_is_weights=inputs.rollout_is_weights)
-    metrics["entropy_threshold"] = torch.tensor(tau_h, dtype=torch.float32, device=inputs.log_prob.device)
+    metrics["entropy_threshold"] = torch.full((), tau_h, dtype=torch.float32, device=inputs.log_prob.device)
     return loss, metrics

@@ -180,7 +180,7 @@ def _verl_policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_ma
                              "rollout_is_weights": rollout_is_weights})
     loss, metrics = POLICY_LOSS_REGISTRY[loss_mode](old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                                                     config, rollout_is_weights)
-    return loss, {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=log_prob.device)
+    return loss, {k: v if isinstance(v, torch.Tensor) else torch.full((), float(v), device=log_prob.device)
                   for k, v in metrics.items()}
 
 
