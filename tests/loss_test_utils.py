@@ -121,3 +121,24 @@ def two_step_run_metrics(config, tmp_path):
     metrics = read_metrics(tmp_path / config / "metrics.jsonl")
     assert {1, 2} <= set(metrics), metrics.keys()
     return metrics
+
+
+#: a micro-batch split of the 8 rows of :func:`random_batch`
+SPLIT = ([0, 1, 2], [3, 4, 5, 6], [7])
+
+
+def assert_split_invariant(run, n_rows=8, split=SPLIT):
+    """``run(rows) -> (loss value, gradient of those rows' log-probs, metrics)``: the micro-batches' losses sum to the
+    whole batch's, and their gradients equal its gradient (verl's global-batch aggregation). Returns the whole batch's
+    metrics."""
+    import pytest
+
+    full, g_full, metrics = run(list(range(n_rows)))
+    total, grads = 0.0, torch.zeros_like(g_full)
+    for rows in split:
+        part, g, _ = run(rows)
+        total += part
+        grads[rows] = g
+    assert total == pytest.approx(full, rel=1e-6)
+    assert torch.allclose(grads, g_full, atol=1e-7)
+    return metrics

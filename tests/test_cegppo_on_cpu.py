@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from loss_test_utils import AGG_MODES, actor_config, agg, identity_padding, random_batch, two_step_run_metrics, \
-    vanilla, worker_data
+from loss_test_utils import AGG_MODES, actor_config, agg, assert_split_invariant, identity_padding, random_batch, \
+    two_step_run_metrics, vanilla, worker_data
 
 from hapo_verl import compute_policy_loss
 from hapo_verl.algorithms.cegppo import cegppo_policy_loss
@@ -127,15 +127,8 @@ def test_worker_loss_invariant_to_micro_batch_split():
         loss.backward()
         return loss.item(), lp.grad, metrics
 
-    full, g_full, metrics = run(list(range(8)))
+    metrics = assert_split_invariant(run)
     assert "actor/cegppo/preserved_low_frac" in metrics
-    total, grads = 0.0, torch.zeros_like(new)
-    for rows in ([0, 1, 2], [3, 4, 5, 6], [7]):
-        part, g, _ = run(rows)
-        total += part
-        grads[rows] = g
-    assert total == pytest.approx(full, rel=1e-6)
-    assert torch.allclose(grads, g_full, atol=1e-7)
 
 
 def test_runs_through_verls_standard_signature():
