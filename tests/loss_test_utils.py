@@ -114,6 +114,19 @@ def run_tiny(config, out, timeout=900):
     return res.rc, res.output
 
 
+def assert_loss_option_rejected(config, key, value, match):
+    """``actor_rollout_ref.actor.policy_loss.<key>=<value>`` stops the launcher's start-up checks with ``match``
+    (a GPU run's rollout is set: the launcher checks it first)."""
+    import pytest
+
+    from hapo_verl.launcher import compose, prepare_config
+
+    composed = compose(config, ["actor_rollout_ref.rollout.name=vllm",
+                                f"++actor_rollout_ref.actor.policy_loss.{key}={value}"])
+    with pytest.raises(ValueError, match=match):
+        prepare_config(composed)
+
+
 def two_step_run_metrics(config, tmp_path):
     """The per-step metrics of a 2-step tiny CPU run of ``config`` (asserting it succeeded)."""
     rc, output = run_tiny(config, tmp_path)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from loss_test_utils import (actor_config, agg, assert_split_invariant, identity_padding, random_batch,
-                             two_step_run_metrics, worker_data)
+from loss_test_utils import (actor_config, agg, assert_loss_option_rejected, assert_split_invariant, identity_padding,
+                             random_batch, two_step_run_metrics, worker_data)
 
 from hapo_verl import compute_policy_loss
 from hapo_verl.algorithms.aspo import aspo_policy_loss, response_high_entropy_mask
@@ -195,12 +195,7 @@ def test_standard_signature_without_entropy_clip_and_refusal_with_it():
     ("entropy_quantil", 0.8, r"unknown option actor_rollout_ref\.actor\.policy_loss\.entropy_quantil"),
 ])
 def test_bad_options_are_rejected_at_start_up_naming_the_key(key, value, match):
-    from hapo_verl.launcher import compose, prepare_config
-
-    config = compose("aspo", ["actor_rollout_ref.rollout.name=vllm",
-                              f"++actor_rollout_ref.actor.policy_loss.{key}={value}"])
-    with pytest.raises(ValueError, match=match):
-        prepare_config(config)
+    assert_loss_option_rejected("aspo", key, value, match)
 
 
 def test_two_step_cpu_run_through_the_trainer(tmp_path):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from dp_test_utils import run_on_ranks
-from loss_test_utils import AGG_MODES, actor_config, agg, identity_padding, random_batch, two_step_run_metrics, \
-    vanilla, worker_data
+from loss_test_utils import (AGG_MODES, actor_config, agg, assert_loss_option_rejected, identity_padding,
+                             random_batch, two_step_run_metrics, vanilla, worker_data)
 
 from hapo_verl import compute_policy_loss, registry
 from hapo_verl.algorithms.bapo import BAPOOptions, bapo_policy_loss, bound_path, contributions_along_path, \
@@ -184,12 +184,7 @@ def test_two_data_parallel_ranks_pick_the_whole_batch_bounds(tmp_path):
     ("ratio_lower_strat", 0.6, r"unknown option actor_rollout_ref\.actor\.policy_loss\.ratio_lower_strat"),
 ])
 def test_bad_options_are_rejected_at_start_up_naming_the_key(key, value, match):
-    from hapo_verl.launcher import compose, prepare_config
-
-    # the rollout a GPU run uses (the launcher checks it first)
-    config = compose("bapo", ["actor_rollout_ref.rollout.name=vllm", f"++actor_rollout_ref.actor.policy_loss.{key}={value}"])
-    with pytest.raises(ValueError, match=match):
-        prepare_config(config)
+    assert_loss_option_rejected("bapo", key, value, match)
 
 
 def test_two_step_cpu_run_through_the_trainer(tmp_path):

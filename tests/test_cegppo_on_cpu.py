@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from loss_test_utils import AGG_MODES, actor_config, agg, assert_split_invariant, identity_padding, random_batch, \
-    two_step_run_metrics, vanilla, worker_data
+from loss_test_utils import (AGG_MODES, actor_config, agg, assert_loss_option_rejected, assert_split_invariant,
+                             identity_padding, random_batch, two_step_run_metrics, vanilla, worker_data)
 
 from hapo_verl import compute_policy_loss
 from hapo_verl.algorithms.cegppo import cegppo_policy_loss
@@ -147,13 +147,7 @@ def test_runs_through_verls_standard_signature():
     ("beta_hi", 1.0, r"unknown option actor_rollout_ref\.actor\.policy_loss\.beta_hi"),
 ])
 def test_bad_options_are_rejected_at_start_up_naming_the_key(key, value, match):
-    from hapo_verl.launcher import compose, prepare_config
-
-    # the rollout a GPU run uses (the launcher checks it first)
-    config = compose("cegppo", ["actor_rollout_ref.rollout.name=vllm",
-                                f"++actor_rollout_ref.actor.policy_loss.{key}={value}"])
-    with pytest.raises(ValueError, match=match):
-        prepare_config(config)
+    assert_loss_option_rejected("cegppo", key, value, match)
 
 
 def test_two_step_cpu_run_through_the_trainer(tmp_path):
