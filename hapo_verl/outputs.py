@@ -80,11 +80,6 @@ class OutputLayout:
                                            "hapo_state.json")}
 
 
-def _override_key(item: str) -> str | None:
-    key, sep, _ = item.partition("=")
-    return key.lstrip("+~") if sep else None
-
-
 def _check_path(what: str, value: str) -> str:
     if not _SAFE_PATH.fullmatch(value):
         raise OutputError(f"{what}={value!r}: use an absolute path of letters, digits and . _ - + @ / (it is passed "

@@ -183,6 +183,11 @@ def forwarded_env(environ: dict) -> dict[str, str]:
     return env
 
 
+def _override_key(item: str) -> str | None:
+    key, sep, _ = item.partition("=")
+    return key.lstrip("+~") if sep else None
+
+
 def job_overrides(user: list[str], layout: OutputLayout) -> list[str]:
     """The user's overrides, less those the layout replaces, then the layout's."""
     return [item for item in user if _override_key(item) not in layout.overrides] + layout.override_args()
