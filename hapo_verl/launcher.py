@@ -254,6 +254,8 @@ def run(config) -> bool:
     if reason is not None:
         print(f"[hapo-verl] {reason}", flush=True)
         return False
+    # verl hands runtime_env to Ray unresolved: an interpolation there (${oc.env:...}) would reach the workers as text
+    OmegaConf.resolve(config.ray_kwargs)
     with open_dict(config):  # the console policy of this process reaches every Ray worker
         ray_init = config.ray_kwargs.ray_init
         if ray_init.get("runtime_env") is None:
