@@ -34,3 +34,15 @@ def run_on_ranks(job, world: int, out_dir) -> list:
     mp.start_processes(_worker, args=(world, _free_port(), job, str(out_dir)), nprocs=world, join=True,
                        start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def assert_ranks_equal_single(single: dict, ranks: list) -> None:
+    """Two data-parallel ranks give the single process's loss and gradient: verl's token-mean scales each rank by
+    dp_size and DDP averages the ranks' gradients. Each result holds ``loss``, ``grad`` and its ``rows``."""
+    import pytest
+
+    assert sum(r["loss"] for r in ranks) / len(ranks) == pytest.approx(single["loss"], rel=1e-6)
+    grads = torch.zeros_like(single["grad"])
+    for r in ranks:
+        grads[r["rows"]] = r["grad"] / len(ranks)
+    assert torch.allclose(grads, single["grad"], atol=1e-7)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from dp_test_utils import run_on_ranks
+from dp_test_utils import assert_ranks_equal_single, run_on_ranks
 from loss_test_utils import (AGG_MODES, actor_config, agg, assert_loss_option_rejected, identity_padding,
                              random_batch, two_step_run_metrics, vanilla, worker_data)
 
@@ -167,12 +167,7 @@ def test_two_data_parallel_ranks_pick_the_whole_batch_bounds(tmp_path):
     assert single["high"] > 1.2  # the search moved
     for r in ranks:
         assert (r["low"], r["high"], r["rho"]) == pytest.approx((single["low"], single["high"], single["rho"]))
-    # verl's token-mean scales each rank by dp_size and DDP averages the ranks' gradients
-    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(single["loss"], rel=1e-6)
-    grads = torch.zeros_like(single["grad"])
-    for r in ranks:
-        grads[r["rows"]] = r["grad"] / 2
-    assert torch.allclose(grads, single["grad"], atol=1e-7)
+    assert_ranks_equal_single(single, ranks)
 
 
 @pytest.mark.parametrize("key,value,match", [
