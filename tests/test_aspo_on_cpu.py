@@ -1,7 +1,7 @@
 """ASPO (arXiv 2510.06062): every branch's gradient by autograd against the hand-computed value (boundaries
-included), the authors' code's gradient (soft negative dual clip and entropy clip as they run it), the entropy split
-and its inverted-name mask, micro-batch invariance of the worker-side loss, verl's standard signature with
-entropy_clip=false, option checks, and a 2-step CPU run."""
+included), the defaults (the paper's §6, v2) against a per-token loop, the authors' code's gradient (soft negative dual
+clip and entropy clip as they run it), the entropy split and its inverted-name mask, micro-batch invariance of the
+worker-side loss, verl's standard signature without the entropy clip, option checks, and a 2-step CPU run."""
 
 import math
 
@@ -11,7 +11,7 @@ from loss_test_utils import (actor_config, agg, assert_loss_option_rejected, ass
                              random_batch, two_step_run_metrics, worker_data)
 
 from hapo_verl import compute_policy_loss
-from hapo_verl.algorithms.aspo import aspo_policy_loss, response_high_entropy_mask
+from hapo_verl.algorithms.aspo import ASPOOptions, aspo_policy_loss, response_high_entropy_mask
 from hapo_verl.integration.loss import LossNeedsTrainerError, registered_ppo_loss
 
 EPS_L, EPS_H, C = 0.2, 0.28, 3.0
@@ -50,6 +50,40 @@ def test_every_branch_gradient_is_the_papers():
                 + 0.9 * 2.0 + 2.0 * 1.0 + (1 - EPS_L) * 1.0 + C * 1.0)
     assert value == pytest.approx(expected, rel=1e-12)
     assert metrics["pos_soft_dual_clip_frac"].item() == pytest.approx(1 / 9)
+
+
+def paper_gradient_loop(ratios, advs, eps_l, eps_h, c):
+    """∂loss/∂log π of each token by the paper's §6 (v2), one token at a time: Step 1 hard clip, Step 2 flipped
+    weight 1/r for A > 0 (Eq. 3, 12), Step 3 soft dual clip of that weight at c; A < 0: PPO with its dual clip."""
+    out = []
+    for r, a in zip(ratios, advs):
+        if a > 0:
+            out.append(0.0 if r > 1 + eps_h else -a * min(1 / r, c))
+        elif a < 0:
+            out.append(-r * a if 1 - eps_l <= r <= c else 0.0)
+        else:
+            out.append(0.0)
+    return out
+
+
+def test_defaults_are_the_papers():
+    # one clip range for every token (ε = 0.2, Appendix B: no entropy clip), negative tokens' usual dual clip
+    assert (ASPOOptions().entropy_clip, ASPOOptions().negative_soft_dual_clip) == (False, False)
+    old, new, adv, mask, _, _ = random_batch(B=16, L=12, seed=31)
+    old, adv = old.double(), adv.double()
+    new = (old + (new.double() - old) * 6).requires_grad_(True)
+    cfg = actor_config(clip=(EPS_L, EPS_H), loss_mode="aspo")
+    loss, _ = compute_policy_loss("aspo", old, new, adv, mask, "token-sum", cfg)  # needs no entropy
+    loss.backward()
+    ratios = torch.exp(new.detach() - old)[mask].tolist()
+    expected = paper_gradient_loop(ratios, adv[mask].tolist(), EPS_L, EPS_H, cfg.clip_ratio_c)
+    assert new.grad[mask].tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # every branch occurs: positive in the band / above it / soft-dual-clipped, negative below / in / past c
+    r, a = torch.tensor(ratios), torch.tensor(adv[mask].tolist())
+    pos, neg = a > 0, a < 0
+    assert (pos & (r > 1 + EPS_H)).any() and (pos & (1 / r > cfg.clip_ratio_c)).any()
+    assert (pos & (r <= 1 + EPS_H) & (1 / r < cfg.clip_ratio_c)).any()
+    assert (neg & (r < 1 - EPS_L)).any() and (neg & (r > cfg.clip_ratio_c)).any()
 
 
 def test_boundaries():
@@ -162,7 +196,7 @@ def test_worker_loss_invariant_to_micro_batch_split():
 
     def run(rows):
         lp = new[rows].clone().requires_grad_(True)
-        cfg = actor_config(clip=(0.2, 0.2), loss_mode="aspo", entropy_source="current")
+        cfg = actor_config(clip=(0.2, 0.2), loss_mode="aspo", entropy_clip=True, entropy_source="current")
         with identity_padding():
             loss, metrics = registered_ppo_loss(
                 cfg, {"log_probs": lp, "entropy": entropy[rows]},
@@ -179,12 +213,12 @@ def test_standard_signature_without_entropy_clip_and_refusal_with_it():
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     old, new, adv, mask, _, _ = random_batch()
-    cfg = actor_config(loss_mode="aspo", entropy_clip=False)
+    cfg = actor_config(loss_mode="aspo")  # the default (the paper's) needs no entropy
     loss, _ = get_policy_loss_fn("aspo")(old, new, adv, mask, "token-mean", cfg)
     direct, _ = compute_policy_loss("aspo", old, new, adv, mask, "token-mean", cfg)
     assert loss.item() == direct.item()
     with pytest.raises(LossNeedsTrainerError, match="hapo-verl"):
-        get_policy_loss_fn("aspo")(old, new, adv, mask, "token-mean", actor_config(loss_mode="aspo"))
+        get_policy_loss_fn("aspo")(old, new, adv, mask, "token-mean", actor_config(loss_mode="aspo", entropy_clip=True))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -199,8 +233,9 @@ def test_bad_options_are_rejected_at_start_up_naming_the_key(key, value, match):
 
 
 def test_two_step_cpu_run_through_the_trainer(tmp_path):
-    metrics = two_step_run_metrics("aspo", tmp_path)
+    metrics = two_step_run_metrics("aspo", tmp_path)  # conf/aspo.yaml: the paper's, no entropy clip
     for step in (1, 2):
-        for key in ("actor/aspo/high_entropy_frac", "actor/aspo/pos_soft_dual_clip_frac", "actor/pg_loss"):
+        for key in ("actor/aspo/pos_soft_dual_clip_frac", "actor/pg_clipfrac", "actor/pg_loss"):
             assert key in metrics[step], (step, key, sorted(metrics[step]))
             assert math.isfinite(float(metrics[step][key])), (step, key, metrics[step][key])
+        assert "actor/aspo/high_entropy_frac" not in metrics[step]

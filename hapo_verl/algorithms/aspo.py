@@ -1,8 +1,12 @@
-"""ASPO ("Asymmetric Importance Sampling Policy Optimization", arXiv 2510.06062).
+"""ASPO ("Asymmetric Importance Sampling Policy Optimization", arXiv 2510.06062; v2 is titled "When Importance
+Sampling Misallocates Credit: Asymmetric Ratios for Outcome-Supervised RL").
 
-Positive-advantage tokens get the flipped importance weight π_old/π_θ instead of π_θ/π_old, with a soft dual clip
-that caps it at c; negative-advantage tokens keep verl's dual-clip PPO. Per token, as ∂loss/∂log π before
-aggregation (r = π_θ/π_old, A the advantage, ε_l/ε_h verl's clip_ratio_low/high, c verl's clip_ratio_c):
+§6 of the paper (v2), three steps. Step 1: PPO's hard clip masks A < 0 tokens with r < 1 − ε_low and A > 0 tokens
+with r > 1 + ε_high. Step 2: positive-advantage tokens get the flipped ratio r̂ = π_old·π_θ / sg(π_θ²) (Eq. 3; value
+π_old/π_θ = 1/r, gradient (1/r)·A·∇log π, Appendix A.2 Eq. 12); negative ones keep r. Step 3: a soft dual clip
+(CISPO's: the value is clipped, the gradient kept) caps the positive tokens' weight at c; negative tokens keep PPO's
+usual (hard) dual clip. Per token, as ∂loss/∂log π before aggregation (r = π_θ/π_old, A the advantage, ε_l/ε_h
+verl's clip_ratio_low/high, c verl's clip_ratio_c):
 
     A > 0 and r ≤ 1 + ε_h :   −A · min(1/r, c)          (flipped weight, soft dual clip)
     A > 0 and r > 1 + ε_h :   0
@@ -14,10 +18,11 @@ is −A/r̂ everywhere (theirs is −A·c·log π inside the soft dual clip: a v
 gradient is added as ``w · (log π − sg(log π))``. Their code also applies the soft dual clip to negative tokens
 (gradient −c·A for r > c instead of 0): ``negative_soft_dual_clip=true``.
 
-Like Archer (arXiv 2507.15778), the authors' code widens the clip range of each response's high-entropy tokens
-(entropy above the response's ``entropy_quantile``) to ``high_entropy_clip_ratio`` on both sides:
-``entropy_clip``. Their mask variable is named inversely (``high_entropy_mask`` holds the *low*-entropy tokens) and
-used inversely, so the two inversions cancel; this module names the mask for what it holds. docs/aspo.md.
+The paper's clip range is one ε for every token (ε = 0.2, Appendix B). The authors' code (Archer2.0 builds on Archer,
+arXiv 2507.15778) also widens the clip range of each response's high-entropy tokens (entropy above the response's
+``entropy_quantile``) to ``high_entropy_clip_ratio`` on both sides: ``entropy_clip=true``. Their mask variable is
+named inversely (``high_entropy_mask`` holds the *low*-entropy tokens) and used inversely, so the two inversions
+cancel; this module names the mask for what it holds. docs/aspo.md.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from hapo_verl.algorithms.ppo import (dual_clip_ppo_token_loss, masked_mean_fn, 
 from hapo_verl.registry import CURRENT_ENTROPY, OLD_ENTROPY, LossInputs, algorithm, option
 
 PAPER = "ASPO, arXiv 2510.06062 (https://arxiv.org/abs/2510.06062)"
-CODE = "authors' code, linked from the abstract (docs/aspo.md)"
+CODE = "authors' code, repository wizard-III/Archer2.0: its policy loss and training script (docs/aspo.md)"
 
 
 @dataclass
@@ -42,22 +47,24 @@ class ASPOOptions:
     """``actor_rollout_ref.actor.policy_loss.*`` with ``loss_mode=aspo``."""
 
     entropy_clip: bool = option(
-        True, "Widen the clip range of each response's high-entropy tokens to high_entropy_clip_ratio (both sides), "
-        "as the dual-token clip of arXiv 2507.15778; false: one clip range for every token (then the loss needs no "
-        "entropy and also runs through verl's standard signature).", paper=PAPER + f" ({CODE}: always on in its ASPO training script)")
+        False, "Widen the clip range of each response's high-entropy tokens to high_entropy_clip_ratio (both sides), "
+        "as the dual-token clip of arXiv 2507.15778 and the authors' code; false: one clip range for every token, "
+        "the paper's (the loss then needs no entropy and also runs through verl's standard signature).",
+        paper=PAPER + " §6 Step 1, Appendix B (v2): ε = 0.2 for every token; " + CODE + ": always on")
     high_entropy_clip_ratio: float = option(
         0.4, "Clip range ε of high-entropy tokens (lower bound 1 − ε for negative, upper bound 1 + ε for positive "
-        "advantages); the others use clip_ratio_low/high.", low=0.0, high=1.0, paper=PAPER + f" ({CODE}: 0.4)")
+        "advantages); the others use clip_ratio_low/high.", low=0.0, high=1.0, paper=CODE + ": 0.4")
     entropy_quantile: float = option(
         0.8, "A token is high-entropy when its entropy is above this quantile of its own response's token "
-        "entropies.", low=0.0, high=1.0, high_open=True, paper=PAPER + f" ({CODE}: token_entropy_quantile 0.8)")
+        "entropies.", low=0.0, high=1.0, high_open=True, paper=CODE + ": token_entropy_quantile 0.8")
     entropy_source: str = option(
         "current", "Entropy that splits the tokens: current (the update's forward pass, as the authors' code; needs "
         "actor.calculate_entropy=true) or old (the old policy's, fixed for the whole step).",
         choices=("current", "old"), paper=CODE)
     negative_soft_dual_clip: bool = option(
         False, "Also soften the dual clip of negative-advantage tokens: gradient −c·A where r > c instead of 0 "
-        "(the authors' code); false: verl's dual-clip PPO.", paper=CODE)
+        "(the authors' code); false: verl's dual-clip PPO (the paper softens the dual clip of positive tokens only).",
+        paper=PAPER + " §6 Step 3 (v2); " + CODE)
 
 
 def response_high_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -178,7 +185,7 @@ def aspo_needs(options: ASPOOptions) -> frozenset:
 
 @algorithm("loss", name="aspo", title="ASPO", paper=PAPER,
            summary="Flipped importance weight π_old/π (soft dual clip at c) on positive-advantage tokens; "
-                   "optional wider clip on high-entropy tokens.",
+                   "optional wider clip on high-entropy tokens (the authors' code).",
            loss_options=ASPOOptions, loss_needs=aspo_needs)
 def aspo_loss(inputs: LossInputs, options: ASPOOptions):
     high = None
