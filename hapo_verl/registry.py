@@ -24,7 +24,10 @@ OLD_ENTROPY = "old_entropy"  # per-token entropy of π_old (verl's old-log-prob 
 OLD_LOG_PROB = "old_log_prob"  # per-token log π_old (on the driver: verl passes none to estimators)
 CURRENT_ENTROPY = "current_entropy"  # per-token entropy of π_θ in the update's forward pass
 BATCH_STATS = "batch_stats"  # the spec's batch statistics, computed once per step over the whole batch
-NEEDS = (OLD_ENTROPY, OLD_LOG_PROB, CURRENT_ENTROPY, BATCH_STATS)
+# statistics over the whole update mini-batch at the current θ: a forward-only pass over the mini-batch before its
+# update, summed over its micro-batches and the data-parallel ranks (spec.minibatch_stats / minibatch_finalize)
+MINIBATCH_STATS = "minibatch_stats"
+NEEDS = (OLD_ENTROPY, OLD_LOG_PROB, CURRENT_ENTROPY, BATCH_STATS, MINIBATCH_STATS)
 
 # Metric names a loss returns that verl logs under ``actor/`` (verl's own names); others go to actor/<name>/.
 VERL_LOSS_METRICS = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
@@ -148,7 +151,9 @@ class LossInputs:
     ``loss_agg_mode``), so results do not depend on the micro-batch split. ``kl(log_prob, other, kind)`` is verl's
     ``kl_penalty``; ``ref_log_prob`` / ``kl_coef`` are set when ``actor.use_kl_loss`` is on.
     ``all_reduce(tensor)`` sums a tensor over the data-parallel ranks of the update (the identity on one process,
-    and in direct calls); a loss whose statistic must agree on every rank (BAPO's clip bounds) reduces with it.
+    and in direct calls); a loss whose statistic must agree on every rank reduces with it.
+    ``minibatch_stats`` is what the spec's ``minibatch_finalize`` made of the whole update mini-batch (the
+    :data:`MINIBATCH_STATS` need); None in direct calls, where the tokens passed in are the whole batch.
     """
 
     old_log_prob: Any
@@ -168,6 +173,7 @@ class LossInputs:
     kl_type: str = "low_var_kl"
     kl: Callable | None = None
     all_reduce: Callable = lambda tensor: tensor
+    minibatch_stats: Mapping | None = None
 
 
 @dataclass
@@ -190,6 +196,30 @@ class OldPolicyBatch:
     response_mask: Any
     entropy: Any = None
     old_log_prob: Any = None
+
+
+@dataclass
+class MiniBatchPart:
+    """One micro-batch of the pass that precedes each update mini-batch (:data:`MINIBATCH_STATS`), padded (B, L):
+    input of a spec's ``minibatch_stats``. ``log_prob`` is the current policy's (None when the spec's
+    ``minibatch_forward`` is false: the pass then reads only the stored fields, the whole mini-batch at once);
+    ``entropy`` is the one the loss receives (old or current policy, per its needs), else None."""
+
+    old_log_prob: Any
+    advantages: Any
+    response_mask: Any
+    log_prob: Any = None
+    entropy: Any = None
+    batch_stats: Mapping | None = None
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A value of a spec's ``minibatch_stats`` that the mini-batch pass concatenates (1-D) over the micro-batches and
+    the data-parallel ranks instead of summing (e.g. the candidates' entropies of a quantile); the finalize function
+    receives the concatenated tensor."""
+
+    values: Any
 
 
 # ------------------------------------------------------------------------------------------------ the spec
@@ -215,6 +245,14 @@ class AlgorithmSpec:
             whole batch, with the loss options when the loss is active (else the defaults); ``stats`` is a JSON-able
             dict sent to the workers and handed to the loss and estimator.
         batch_metrics: ``batch_metrics(old, options, stats) -> dict`` of floats the trainer logs with them.
+        minibatch_stats: ``minibatch_stats(part: MiniBatchPart, options) -> {name: tensor | Gathered}``, sums over
+            one micro-batch of the pass before each update mini-batch; they are summed (a :class:`Gathered` value:
+            concatenated) over the mini-batch's micro-batches and the data-parallel ranks (needs
+            :data:`MINIBATCH_STATS`).
+        minibatch_finalize: ``minibatch_finalize(totals, options) -> {name: tensor}`` handed to every micro-batch's
+            loss of that mini-batch as ``LossInputs.minibatch_stats``; None hands the totals.
+        minibatch_forward: ``options -> bool`` (or a bool): the pass runs the model forward (the current policy's
+            log-probs and entropy); false reads only the mini-batch's stored fields (no forward).
         needs_groups: the advantage needs several responses per prompt (``rollout.n >= 2``).
         loss_requires_estimator: the loss works only with this spec's estimator (it uses what the estimator computed).
         rollout_entropy_stats: the batch statistics are the entropy statistics adaptive temperature sends to
@@ -236,6 +274,9 @@ class AlgorithmSpec:
     estimator_needs: Callable | frozenset = frozenset()
     batch_stats: Callable | None = None
     batch_metrics: Callable | None = None
+    minibatch_stats: Callable | None = None
+    minibatch_finalize: Callable | None = None
+    minibatch_forward: Callable | bool = True
     needs_groups: bool = True
     loss_requires_estimator: bool = False
     rollout_entropy_stats: bool = False
@@ -247,6 +288,9 @@ class AlgorithmSpec:
 
     def needs_of_estimator(self, options) -> frozenset:
         return _needs(self.estimator_needs, options)
+
+    def minibatch_pass_runs_forward(self, options) -> bool:
+        return bool(self.minibatch_forward(options) if callable(self.minibatch_forward) else self.minibatch_forward)
 
     @property
     def standard_signature(self) -> bool:
@@ -355,8 +399,8 @@ def estimator_specs() -> dict[str, AlgorithmSpec]:
 
 
 __all__ = [
-    "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "LossInputs", "NEEDS", "OLD_ENTROPY",
-    "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
+    "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "Gathered", "LossInputs", "MINIBATCH_STATS",
+    "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
     "batch_stats_hooks", "estimator_specs", "get", "load_options", "rollout_stats_spec", "loss_specs", "option", "option_defaults", "register_algorithm",
     "specs", "validate_options",
 ]

@@ -4,7 +4,8 @@ Each shim lives in its own module with: the reason, the upstream version it targ
 tests/test_patches_on_cpu.py that fails once upstream no longer needs it. They are applied from one place,
 :func:`apply_all`, and only by code paths that need them (the CPU backend,
 :func:`hapo_verl.cpu.registration.register_cpu_backend`); a shim every run needs is also applied by name where it
-acts (``file_logger_append`` and ``quiet_config_dump`` in :class:`hapo_verl.launcher.HAPOTaskRunner`). Importing this package changes
+acts (``file_logger_append`` and ``quiet_config_dump`` in :class:`hapo_verl.launcher.HAPOTaskRunner`,
+``minibatch_prepass`` in the actor workers of a loss that needs it). Importing this package changes
 nothing.
 
 Every shim module defines ``NAME``, ``REASON``, ``TARGETS`` (upstream versions it was written against),
@@ -26,6 +27,7 @@ SHIM_MODULES: tuple[str, ...] = (
     "rollout_registry",
     "file_logger_append",
     "quiet_config_dump",
+    "minibatch_prepass",
 )
 
 _lock = threading.Lock()

@@ -56,7 +56,8 @@ def vanilla(old, new, adv, mask, mode, cfg):
                                        loss_agg_mode=mode, config=cfg)
 
 
-def worker_data(old, adv, mask, entropy, ref=None, batch_stats=None, global_batch_size=None, batch_num_tokens=None):
+def worker_data(old, adv, mask, entropy, ref=None, batch_stats=None, global_batch_size=None, batch_num_tokens=None,
+                dp_size=1):
     """The actor batch verl's workers hand to a loss function (padded: padding is mocked as identity)."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
@@ -67,7 +68,7 @@ def worker_data(old, adv, mask, entropy, ref=None, batch_stats=None, global_batc
     if ref is not None:
         fields["ref_log_prob"] = ref
     data = TensorDict(fields, batch_size=[old.shape[0]])
-    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    tu.assign_non_tensor(data, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     if batch_stats is not None:
         tu.assign_non_tensor(data, **{BATCH_STATS_FIELD: batch_stats})
     return data
@@ -155,3 +156,62 @@ def assert_split_invariant(run, n_rows=8, split=SPLIT):
     assert total == pytest.approx(full, rel=1e-6)
     assert torch.allclose(grads, g_full, atol=1e-7)
     return metrics
+
+
+class MicroBatchEngine:
+    """verl's engine as the mini-batch pass drives it: ``forward_backward_batch(data, loss_fn, forward_only=True)``
+    calls ``loss_fn`` on each micro-batch of ``split`` (row lists of ``data``) with the model outputs taken from the
+    given (B, L) ``log_prob`` / ``entropy`` (padding mocked as identity by the caller). ``forward_calls`` counts the
+    passes."""
+
+    def __init__(self, log_prob, split, entropy=None, dp_group=None):
+        self.log_prob, self.split, self.entropy, self.dp_group = log_prob, split, entropy, dp_group
+        self.forward_calls = 0
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        assert forward_only
+        self.forward_calls += 1
+        for rows in self.split:
+            idx = torch.tensor(rows)
+            out = {"log_probs": self.log_prob[idx]}
+            if self.entropy is not None:
+                out["entropy"] = self.entropy[idx]
+            loss_function(model_output=out, data=data[idx], dp_group=self.dp_group)
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+
+def minibatch_split_run(loss_mode, batch, split, current_entropy=None, dp_group=None, rows_of_rank=None, world=1,
+                        **loss_kw):
+    """The worker path of a loss with the mini-batch pass: ``RegisteredLoss.before_mini_batch`` over this rank's rows
+    (micro-batches ``split``, local row lists), then ``run(rows)`` for :func:`assert_split_invariant`: the loss of
+    those local rows alone with the pass's statistics. ``batch`` is :func:`random_batch`'s tuple for the whole
+    mini-batch; ``rows_of_rank`` this data-parallel rank's rows of it (all by default). Returns (run, loss_fn,
+    engine)."""
+    from hapo_verl.integration.loss import RegisteredLoss
+
+    old, new, adv, mask, entropy, _ = batch
+    n_rows = old.shape[0]
+    rows_of_rank = list(range(n_rows)) if rows_of_rank is None else rows_of_rank
+    mine = torch.tensor(rows_of_rank)
+    loss_fn = RegisteredLoss(actor_config(loss_mode=loss_mode, **loss_kw))
+    data = worker_data(old[mine], adv[mine], mask[mine], entropy[mine], global_batch_size=n_rows,
+                       batch_num_tokens=int(mask.sum()), dp_size=world)
+    local_entropy = None if current_entropy is None else current_entropy[mine]
+    engine = MicroBatchEngine(new[mine], split, local_entropy, dp_group)
+    with identity_padding():
+        loss_fn.before_mini_batch(engine, data)
+
+    def run(rows):
+        idx = torch.tensor(rows)
+        lp = new[mine][idx].clone().requires_grad_(True)
+        out = {"log_probs": lp}
+        if local_entropy is not None:
+            out["entropy"] = local_entropy[idx]
+        with identity_padding():
+            loss, metrics = loss_fn(out, data[idx], dp_group)
+        loss.backward()
+        return loss.item(), lp.grad, metrics
+
+    return run, loss_fn, engine

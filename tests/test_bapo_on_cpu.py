@@ -1,20 +1,22 @@
 """BAPO (arXiv 2510.18927): the candidate path of both bound orders, the vectorised contributions against direct sums,
 a hand-computed search + loss + gradient, each branch (positive clip, negative clip, dual clip, target met at the
-start / never met), reduction to verl's vanilla loss, identical bounds on two real data-parallel ranks, start-up
-validation and a 2-step CPU run."""
+start / never met), reduction to verl's vanilla loss, the mini-batch pass (bounds of the whole mini-batch: the result
+does not depend on the micro-batch split or the data-parallel size; the authors' per-micro-batch search does),
+start-up validation and a 2-step CPU run whose bounds come from the whole mini-batch."""
 
 import math
 
 import pytest
 import torch
 from dp_test_utils import assert_ranks_equal_single, run_on_ranks
-from loss_test_utils import (AGG_MODES, actor_config, agg, assert_loss_option_rejected, identity_padding,
-                             random_batch, two_step_run_metrics, vanilla, worker_data)
+from loss_test_utils import (AGG_MODES, SPLIT, actor_config, agg, assert_loss_option_rejected, assert_split_invariant,
+                             identity_padding, minibatch_split_run, random_batch, two_step_run_metrics, vanilla,
+                             worker_data)
 
 from hapo_verl import compute_policy_loss, registry
 from hapo_verl.algorithms.bapo import BAPOOptions, bapo_policy_loss, bound_path, contributions_along_path, \
     search_bounds
-from hapo_verl.integration.loss import registered_ppo_loss, run_loss
+from hapo_verl.integration.loss import LossNeedsTrainerError, registered_ppo_loss, run_loss
 
 SMALL = dict(positive_ratio_target=0.45, ratio_lower_start=0.6, ratio_lower_max=0.8, ratio_lower_step=0.1,
              ratio_upper_start=1.2, ratio_upper_max=1.4, ratio_upper_step=0.1)
@@ -122,20 +124,62 @@ def test_compute_policy_loss_and_verls_standard_signature():
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     old, new, adv, mask, _, _ = random_batch(seed=5)
-    cfg = actor_config(loss_mode="bapo")
+    cfg = actor_config(loss_mode="bapo", bounds_per="micro_batch")
     direct, metrics = compute_policy_loss("bapo", old, new, adv, mask, "token-mean", cfg)
     standard, _ = get_policy_loss_fn("bapo")(old, new, adv, mask, "token-mean", cfg)
     assert direct.item() == standard.item()
     assert {"actor/bapo/clip_low", "actor/bapo/clip_high", "actor/bapo/positive_ratio"} <= set(metrics)
+    # the default (bounds of the whole mini-batch) needs hapo-verl's mini-batch pass, which verl's signature lacks
+    default, _ = compute_policy_loss("bapo", old, new, adv, mask, "token-mean", actor_config(loss_mode="bapo"))
+    assert default.item() == direct.item()  # a direct call's tokens are the whole batch
+    with pytest.raises(LossNeedsTrainerError, match="minibatch_stats"):
+        get_policy_loss_fn("bapo")(old, new, adv, mask, "token-mean", actor_config(loss_mode="bapo"))
+
+
+def _off_policy_batch(seed=8):
+    old, new, adv, mask, entropy, ref = random_batch(B=8, seed=seed)
+    return old, new + 0.4, adv, mask, entropy, ref  # ratios away from 1: the search moves
+
+
+@pytest.mark.parametrize("split", [SPLIT, ([0, 1, 2, 3], [4, 5, 6, 7]), ([0], [1, 2, 3, 4, 5, 6, 7])])
+def test_minibatch_pass_bounds_do_not_depend_on_the_micro_batch_split(split):
+    batch = _off_policy_batch()
+    old, new, adv, mask, _, _ = batch
+    run, _, engine = minibatch_split_run("bapo", batch, split)
+    assert engine.forward_calls == 1
+    metrics = assert_split_invariant(run)
+    direct, ref_metrics = compute_policy_loss("bapo", old, new, adv, mask, "token-mean", actor_config(loss_mode="bapo"))
+    assert run(list(range(8)))[0] == pytest.approx(direct.item(), rel=1e-6)
+    assert float(ref_metrics["actor/bapo/clip_high"]) > 1.2  # the search moved
+    for key in ("clip_low", "clip_high", "positive_ratio"):
+        got = metrics[f"actor/bapo/{key}"]
+        assert float(got.values[0] if hasattr(got, "values") else got) == \
+            pytest.approx(float(ref_metrics[f"actor/bapo/{key}"]))
+    tokens = metrics["actor/bapo/minibatch_tokens"]
+    assert float(tokens.values[0] if hasattr(tokens, "values") else tokens) == int(mask.sum())
+
+
+def test_per_micro_batch_search_depends_on_the_split_as_the_authors_code():
+    # the control of the test above: without the pass each micro-batch finds its own bounds
+    run, loss_fn, engine = minibatch_split_run("bapo", _off_policy_batch(), SPLIT, bounds_per="micro_batch")
+    assert engine.forward_calls == 0 and loss_fn.minibatch_stats is None
+    with pytest.raises(AssertionError):
+        assert_split_invariant(run)
+
+
+def test_worker_loss_refuses_to_run_without_the_minibatch_pass():
+    old, new, adv, mask, entropy, _ = random_batch(B=8, seed=8)
+    with identity_padding(), pytest.raises(RuntimeError, match="mini-batch pass did not run"):
+        registered_ppo_loss(actor_config(loss_mode="bapo"), {"log_probs": new},
+                            worker_data(old, adv, mask, entropy, global_batch_size=8, batch_num_tokens=int(mask.sum())))
 
 
 def test_worker_loss_with_one_micro_batch_is_the_whole_mini_batch_search():
-    old, new, adv, mask, entropy, _ = random_batch(B=8, seed=8)
-    new = new + 0.4  # off-policy: ratios away from 1
-    cfg = actor_config(loss_mode="bapo")
+    old, new, adv, mask, entropy, _ = _off_policy_batch()
+    cfg = actor_config(loss_mode="bapo", bounds_per="micro_batch")
     ref, ref_metrics = compute_policy_loss("bapo", old, new, adv, mask, "token-mean", cfg)
     with identity_padding():
-        loss, metrics = registered_ppo_loss(actor_config(loss_mode="bapo"), {"log_probs": new},
+        loss, metrics = registered_ppo_loss(cfg, {"log_probs": new},
                                             worker_data(old, adv, mask, entropy, global_batch_size=8,
                                                         batch_num_tokens=int(mask.sum())))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -146,16 +190,18 @@ def test_worker_loss_with_one_micro_batch_is_the_whole_mini_batch_search():
 
 
 def _dp_job(rank, world, group):
+    """Per-micro-batch search (the authors' granularity) on ``world`` ranks: P and N summed over the ranks."""
     old, new, adv, mask, _, _ = random_batch(B=8, seed=21)
     new = new + 0.5
     rows = list(range(rank, 8, world))
     spec = registry.get("bapo")
-    cfg = actor_config(loss_mode="bapo")
+    cfg = actor_config(loss_mode="bapo", bounds_per="micro_batch")
     cfg.global_batch_info.update(dp_size=world, batch_num_tokens=int(mask.sum()), global_batch_size=8,
                                  loss_scale_factor=None)
     lp = new[rows].clone().requires_grad_(True)
-    loss, metrics = run_loss(spec, BAPOOptions(), old_log_prob=old[rows], log_prob=lp, advantages=adv[rows],
-                             response_mask=mask[rows], loss_agg_mode="token-mean", config=cfg, dp_group=group)
+    loss, metrics = run_loss(spec, BAPOOptions(bounds_per="micro_batch"), old_log_prob=old[rows], log_prob=lp,
+                             advantages=adv[rows], response_mask=mask[rows], loss_agg_mode="token-mean", config=cfg,
+                             dp_group=group)
     loss.backward()
     return {"rows": rows, "loss": loss.item(), "grad": lp.grad, "low": float(metrics["actor/bapo/clip_low"]),
             "high": float(metrics["actor/bapo/clip_high"]), "rho": float(metrics["actor/bapo/positive_ratio"])}
@@ -167,6 +213,28 @@ def test_two_data_parallel_ranks_pick_the_whole_batch_bounds(tmp_path):
     assert single["high"] > 1.2  # the search moved
     for r in ranks:
         assert (r["low"], r["high"], r["rho"]) == pytest.approx((single["low"], single["high"], single["rho"]))
+    assert_ranks_equal_single(single, ranks)
+
+
+def _dp_minibatch_job(rank, world, group):
+    """The mini-batch pass on ``world`` ranks, each with two micro-batches of its rows."""
+    batch = _off_policy_batch(seed=21)
+    rows = list(range(rank, 8, world))
+    local = list(range(len(rows)))
+    split = (local[:1], local[1:]) if world > 1 else SPLIT
+    run, loss_fn, _ = minibatch_split_run("bapo", batch, split, dp_group=group, rows_of_rank=rows, world=world)
+    loss, grad, _ = run(local)
+    stats = loss_fn.minibatch_stats
+    return {"rows": rows, "loss": loss, "grad": grad, "low": float(stats["clip_low"]),
+            "high": float(stats["clip_high"]), "tokens": float(stats["minibatch_tokens"])}
+
+
+def test_minibatch_pass_on_two_data_parallel_ranks_equals_one_process(tmp_path):
+    (single,) = run_on_ranks(_dp_minibatch_job, 1, tmp_path / "one")
+    ranks = run_on_ranks(_dp_minibatch_job, 2, tmp_path / "two")
+    assert single["high"] > 1.2
+    for r in ranks:
+        assert (r["low"], r["high"], r["tokens"]) == (single["low"], single["high"], single["tokens"])
     assert_ranks_equal_single(single, ranks)
 
 
@@ -190,3 +258,7 @@ def test_two_step_cpu_run_through_the_trainer(tmp_path):
             assert math.isfinite(float(metrics[step][key])), (step, key, metrics[step][key])
         assert 0.6 <= float(metrics[step]["actor/bapo/clip_low"]) <= 0.9
         assert 1.2 <= float(metrics[step]["actor/bapo/clip_high"]) <= 3.0
+        # the mini-batch pass saw the whole mini-batch (tiny: 8 prompts x 4 responses, one mini-batch, two
+        # micro-batches of 16), not one micro-batch
+        tokens = float(metrics[step]["response_length/mean"]) * 32
+        assert float(metrics[step]["actor/bapo/minibatch_tokens"]) == pytest.approx(tokens), (step, tokens)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 import hapo_verl.patches as patches
-from hapo_verl.patches import (file_logger_append, fsdp2_cpu_offload_no_pin, gloo_backend_dedup, quiet_config_dump,
-                               rollout_registry)
+from hapo_verl.patches import (file_logger_append, fsdp2_cpu_offload_no_pin, gloo_backend_dedup, minibatch_prepass,
+                               quiet_config_dump, rollout_registry)
 
 
 @pytest.fixture
@@ -215,3 +215,84 @@ def test_quiet_config_dump_fixes_it(monkeypatch, capsys):
     monkeypatch.setenv("HAPO_VERL_VERBOSE", "1")
     main_ppo.pprint(config)
     assert "'section2': {'key': 2}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- mini-batch pass hook
+def _unpatched_train_batch():
+    from verl.workers.engine.base import BaseEngine
+
+    return minibatch_prepass.ORIGINAL or BaseEngine.train_batch
+
+
+def test_minibatch_prepass_still_needed():
+    # verl's train_batch only hands the loss to forward_backward_batch: no hook runs before the first micro-batch
+    source = inspect.getsource(_unpatched_train_batch())
+    assert "loss_function." not in source and "hook" not in source, source
+    assert "forward_backward_batch(data, loss_function, forward_only=False)" in source
+
+
+class _Engine:
+    """The parts of an engine ``BaseEngine.train_batch`` calls, recording the order of events."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def optimizer_zero_grad(self):
+        self.events.append("zero_grad")
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        self.events.append(("forward_backward", forward_only))
+        loss_function(None, data)
+        return {"metrics": {}}
+
+    def optimizer_step(self):
+        self.events.append("step")
+        return torch.tensor(0.0)
+
+    def is_mp_src_rank_with_outputs(self):
+        return False
+
+
+def test_minibatch_prepass_fixes_it():
+    from verl.workers.engine.base import BaseEngine
+
+    minibatch_prepass.apply()
+    minibatch_prepass.apply()
+    assert minibatch_prepass.is_applied() and minibatch_prepass.ORIGINAL is not BaseEngine.train_batch
+    events = []
+
+    class Loss:
+        def __call__(self, model_output, data):
+            events.append(("loss", data))
+
+        def before_mini_batch(self, engine, data):
+            events.append(("before", data))
+
+        def after_mini_batch(self):
+            events.append("after")
+
+    class Engine(_Engine, BaseEngine):
+        pass
+
+    from tensordict import TensorDict
+
+    data = TensorDict({"x": torch.zeros(2)}, batch_size=[2])
+    BaseEngine.train_batch(Engine(events), data, Loss())
+    assert events == [("before", data), "zero_grad", ("forward_backward", False), ("loss", data), "step", "after"]
+    events.clear()  # a plain loss function runs verl's method unchanged
+    BaseEngine.train_batch(Engine(events), data, lambda model_output, data: events.append("plain"))
+    assert events == ["zero_grad", ("forward_backward", False), "plain", "step"]
+
+
+def test_registered_loss_installs_the_hook_where_it_is_unpickled():
+    import pickle
+
+    from loss_test_utils import actor_config
+
+    from hapo_verl.integration.loss import RegisteredLoss
+
+    loss = RegisteredLoss(actor_config(loss_mode="bapo"))
+    assert loss.needs_minibatch_pass
+    copy = pickle.loads(pickle.dumps(loss))
+    assert minibatch_prepass.is_applied() and copy.minibatch_stats is None
+    assert not RegisteredLoss(actor_config(loss_mode="bapo", bounds_per="micro_batch")).needs_minibatch_pass

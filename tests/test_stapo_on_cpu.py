@@ -1,21 +1,26 @@
 """STAPO (arXiv 2602.15620): every branch of the spurious-token test, a hand-computed loss and gradient with the
 renormalised token mean, reduction to verl's vanilla loss without spurious tokens, per-sequence modes, the quantile
-form of τ_h, the old-policy variant, the worker-side normaliser (one micro-batch = exact; real data-parallel ranks),
-start-up validation and a 2-step CPU run."""
+form of τ_h, the old-policy variant, the worker-side normaliser (the mini-batch pass: the kept-token count of the
+whole mini-batch, independent of the micro-batch split and the data-parallel size; the per-micro-batch form as
+documented), start-up validation and a 2-step CPU run."""
 
 import math
 
 import pytest
 import torch
 from dp_test_utils import assert_ranks_equal_single, run_on_ranks
-from loss_test_utils import (AGG_MODES, actor_config, agg, assert_loss_option_rejected, identity_padding,
-                             random_batch, two_step_run_metrics, vanilla, worker_data)
+from loss_test_utils import (AGG_MODES, SPLIT, actor_config, agg, assert_loss_option_rejected, assert_split_invariant,
+                             identity_padding, minibatch_split_run, random_batch, two_step_run_metrics, vanilla,
+                             worker_data)
 
 from hapo_verl import compute_policy_loss, registry
-from hapo_verl.algorithms.stapo import STAPOOptions, entropy_quantile, spurious_mask, stapo_needs, stapo_policy_loss
+from hapo_verl.algorithms.stapo import (STAPOOptions, masked_quantile, spurious_mask, stapo_needs,
+                                        stapo_policy_loss)
 from hapo_verl.integration.loss import registered_ppo_loss, run_loss
 
 ABS = dict(spurious_entropy_threshold_type="absolute", spurious_prob_threshold=0.01, spurious_entropy_threshold=0.5)
+PER_MICRO = dict(ABS, normalizer_per="micro_batch")
+QUANT = dict(spurious_entropy_threshold_type="quantile", spurious_prob_threshold=0.01, spurious_entropy_quantile=0.5)
 
 
 def test_spurious_needs_all_three_conditions():
@@ -48,12 +53,31 @@ def test_hand_computed_loss_and_gradient_renormalised_over_kept_tokens():
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
-def test_without_spurious_tokens_it_is_verls_vanilla_loss(mode):
+def test_without_spurious_tokens_and_with_the_dual_clip_it_is_verls_vanilla_loss(mode):
     old, new, adv, mask, entropy, _ = random_batch(seed=4)
-    cfg = actor_config(loss_mode="stapo", **{**ABS, "spurious_prob_threshold": 0.0})
+    new = new.clone()
+    new[0, 0] = old[0, 0] + 3.0  # r = e³ > c = 10 where A < 0: only the dual clip caps it
+    assert adv[0, 0] < 0
+    cfg = actor_config(loss_mode="stapo", dual_clip=True, **{**ABS, "spurious_prob_threshold": 0.0})
     ref, _ = vanilla(old, new, adv, mask, mode, actor_config(clip=(0.2, 0.28)))
     loss, _ = compute_policy_loss("stapo", old, new, adv, mask, mode, cfg, entropy=entropy)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-7)
+
+
+def test_the_papers_token_loss_has_no_dual_clip():
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = (old + torch.tensor([[3.0, 0.0]])).requires_grad_(True)  # r = e³ > c = 10 on the A < 0 token
+    adv, entropy = torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, _ = compute_policy_loss("stapo", old, new, adv, mask, "token-mean", actor_config(loss_mode="stapo", **ABS),
+                                  entropy=entropy)
+    loss.backward()
+    # DAPO's min(r·A, clip(r)·A) for A < 0 is r·A: loss (e³ − 1) / 2, gradient of token 0 r·(−A)/2 = e³/2
+    assert loss.item() == pytest.approx((math.exp(3.0) - 1.0) / 2, rel=1e-6)
+    assert new.grad[0].tolist() == pytest.approx([math.exp(3.0) / 2, -0.5], rel=1e-6)
+    capped, _ = compute_policy_loss("stapo", old, new.detach(), adv, mask, "token-mean",
+                                    actor_config(loss_mode="stapo", dual_clip=True, **ABS), entropy=entropy)
+    assert capped.item() == pytest.approx((10.0 - 1.0) / 2, rel=1e-6)  # verl's dual clip: −A·c
 
 
 def test_sequence_mean_modes_drop_spurious_tokens_from_their_sequence():
@@ -74,22 +98,54 @@ def test_sequence_mean_modes_drop_spurious_tokens_from_their_sequence():
     assert loss.item() == pytest.approx(-1.0 + 2.0, rel=1e-6)
 
 
-def test_quantile_form_of_the_entropy_threshold():
+@pytest.mark.parametrize("q", [0.05, 0.5, 0.75, 0.999])
+def test_masked_quantile_is_torch_quantile_over_the_mask(q):
     g = torch.Generator().manual_seed(2)
-    entropy = torch.rand(7, 13, generator=g) * 3
-    mask = torch.rand(7, 13, generator=g) > 0.3
-    assert entropy_quantile(entropy, mask, 0.05) == pytest.approx(torch.quantile(entropy[mask].double(), 0.05).item())
-    # through compute_policy_loss the glue computes it over the tokens passed in; the trainer over the whole step
-    old = torch.log(torch.full((1, 20), 0.005))
-    entropy = torch.arange(20, dtype=torch.float32)[None, :] / 10  # 0.0 .. 1.9; 5th pct = 0.095
-    adv, mask = torch.ones(1, 20), torch.ones(1, 20, dtype=torch.bool)
-    cfg = actor_config(loss_mode="stapo", spurious_entropy_quantile=0.05)
+    for _ in range(5):
+        entropy = torch.rand(7, 13, generator=g) * 3
+        mask = torch.rand(7, 13, generator=g) > 0.6
+        expected = torch.quantile(entropy[mask].double(), q).item()
+        assert masked_quantile(entropy, mask, q).item() == pytest.approx(expected, rel=1e-12)
+    one = torch.zeros(2, 3, dtype=torch.bool)
+    one[1, 2] = True
+    assert masked_quantile(torch.full((2, 3), 0.7), one, q).item() == pytest.approx(0.7)
+    assert masked_quantile(entropy, torch.zeros_like(mask), q).item() == 0.0  # no candidate: nothing spurious
+    empty = torch.zeros(0)
+    assert masked_quantile(empty, empty.bool(), q).item() == 0.0
+
+
+def test_a_mini_batch_without_candidates_keeps_every_token():
+    from hapo_verl.algorithms.stapo import stapo_minibatch_finalize
+
+    valid = torch.tensor(40.0, dtype=torch.float64)
+    stats = stapo_minibatch_finalize({"valid": valid, "candidate_entropy": torch.zeros(0, dtype=torch.float64)},
+                                     STAPOOptions())
+    assert (stats["kept"].item(), stats["entropy_threshold"].item(), stats["candidates"].item()) == (40.0, 0.0, 0.0)
+
+
+def test_quantile_form_is_over_the_candidates_only():
+    # 20 candidates (A > 0, π = 0.001 < τ_p = 0.002) with H = 0.0 .. 1.9, and 10 non-candidates with H = 0 that
+    # must not move the quantile: 5 with π = 0.5, 5 with A < 0
+    n = 30
+    old = torch.log(torch.full((1, n), 0.001))
+    old[0, 20:25] = math.log(0.5)
+    adv = torch.ones(1, n)
+    adv[0, 25:] = -1.0
+    entropy = torch.zeros(1, n)
+    entropy[0, :20] = torch.arange(20) / 10
+    mask = torch.ones(1, n, dtype=torch.bool)
+    cfg = actor_config(loss_mode="stapo")  # the paper's τ_p = 0.002, q = 0.75
     _, metrics = compute_policy_loss("stapo", old, old.clone(), adv, mask, "token-mean", cfg, entropy=entropy)
-    assert metrics["actor/stapo/entropy_threshold"].item() == pytest.approx(0.095, rel=1e-5)
-    assert metrics["actor/stapo/spurious_frac"].item() == pytest.approx(1 / 20)  # only H = 0.0
-    _, given = compute_policy_loss("stapo", old, old.clone(), adv, mask, "token-mean", cfg, entropy=entropy,
-                                   batch_stats={"entropy_threshold": 0.35})
-    assert given["actor/stapo/spurious_frac"].item() == pytest.approx(4 / 20)
+    # τ_h = the 0.75-quantile of 0.0 .. 1.9 = 1.425: the 15 candidates with H ≤ 1.4 are spurious
+    assert metrics["actor/stapo/entropy_threshold"].item() == pytest.approx(1.425, rel=1e-6)
+    assert metrics["actor/stapo/spurious_frac"].item() == pytest.approx(15 / n)
+
+
+def test_defaults_are_the_papers():
+    o = STAPOOptions()
+    assert (o.spurious_prob_threshold, o.spurious_entropy_quantile, o.spurious_entropy_threshold_type) == \
+        (0.002, 0.75, "quantile")
+    assert (o.spurious_policy, o.normalizer_per, o.dual_clip) == ("current", "mini_batch", False)
 
 
 def test_old_policy_variant_reads_pi_old():
@@ -104,11 +160,13 @@ def test_old_policy_variant_reads_pi_old():
 
 
 def test_needs_and_the_trainer_path_requires_the_current_entropy():
-    from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
+    from hapo_verl.registry import CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY
 
-    assert stapo_needs(STAPOOptions()) == {CURRENT_ENTROPY, BATCH_STATS}
+    assert stapo_needs(STAPOOptions()) == {CURRENT_ENTROPY, MINIBATCH_STATS}
     assert stapo_needs(STAPOOptions(spurious_policy="old", spurious_entropy_threshold_type="absolute")) == {
-        OLD_ENTROPY}
+        OLD_ENTROPY, MINIBATCH_STATS}
+    assert stapo_needs(STAPOOptions(spurious_policy="old", spurious_entropy_threshold_type="absolute",
+                                    normalizer_per="micro_batch")) == {OLD_ENTROPY}
     old, new, adv, mask, entropy, _ = random_batch(B=2)
     with identity_padding(), pytest.raises(RuntimeError, match="calculate_entropy=true"):
         registered_ppo_loss(actor_config(loss_mode="stapo", **ABS), {"log_probs": new},
@@ -123,28 +181,30 @@ def _spurious_batch(seed):
     return old, new, adv, mask, entropy
 
 
-def test_worker_loss_with_one_micro_batch_is_exact():
+def test_per_micro_batch_normaliser_with_one_micro_batch_is_exact():
     old, new, adv, mask, entropy = _spurious_batch(30)
     cfg = actor_config(loss_mode="stapo", **ABS)
     ref, ref_m = compute_policy_loss("stapo", old, new, adv, mask, "token-mean", cfg, entropy=entropy)
     assert 0 < ref_m["actor/stapo/spurious_frac"].item() < 1
     with identity_padding():
-        loss, _ = registered_ppo_loss(actor_config(loss_mode="stapo", **ABS), {"log_probs": new, "entropy": entropy},
+        loss, _ = registered_ppo_loss(actor_config(loss_mode="stapo", **PER_MICRO),
+                                      {"log_probs": new, "entropy": entropy},
                                       worker_data(old, adv, mask, entropy, global_batch_size=8,
                                                   batch_num_tokens=int(mask.sum())))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_micro_batch_split_normaliser_is_what_the_docs_say():
-    """Each micro-batch is renormalised by its own kept fraction (summed over the data-parallel ranks): exact when
-    the micro-batches keep the same fraction, the documented approximation otherwise."""
+def test_per_micro_batch_normaliser_is_what_the_docs_say():
+    """normalizer_per=micro_batch: each micro-batch is renormalised by its own kept fraction (summed over the
+    data-parallel ranks): exact when the micro-batches keep the same fraction, the documented approximation
+    otherwise."""
     old, new, adv, mask, entropy = _spurious_batch(31)
     n_tok = int(mask.sum())
 
     def worker(rows):
         with identity_padding():
             loss, _ = registered_ppo_loss(
-                actor_config(loss_mode="stapo", **ABS), {"log_probs": new[rows], "entropy": entropy[rows]},
+                actor_config(loss_mode="stapo", **PER_MICRO), {"log_probs": new[rows], "entropy": entropy[rows]},
                 worker_data(old[rows], adv[rows], mask[rows], entropy[rows], global_batch_size=8,
                             batch_num_tokens=n_tok))
         return loss.item()
@@ -163,14 +223,69 @@ def test_micro_batch_split_normaliser_is_what_the_docs_say():
     assert exact == pytest.approx((pg * keep).sum().item() / keep.sum().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("form", [ABS, QUANT], ids=["absolute", "quantile"])
+@pytest.mark.parametrize("split", [SPLIT, ([0, 1, 2, 3], [4, 5, 6, 7])])
+@pytest.mark.parametrize("policy", ["current", "old"])
+def test_minibatch_pass_does_not_depend_on_the_micro_batch_split(split, policy, form):
+    old, new, adv, mask, entropy = _spurious_batch(31)
+    if policy == "old":  # the low-probability tokens under π_old
+        old, new = new, old
+    batch = (old, new, adv, mask, entropy, None)
+    run, loss_fn, engine = minibatch_split_run("stapo", batch, split, current_entropy=entropy, spurious_policy=policy,
+                                               **form)
+    assert engine.forward_calls == (1 if policy == "current" else 0)  # π_old needs no forward
+    metrics = assert_split_invariant(run)
+    direct, ref_m = compute_policy_loss("stapo", old, new, adv, mask, "token-mean",
+                                        actor_config(loss_mode="stapo", spurious_policy=policy, **form), entropy=entropy)
+    assert run(list(range(8)))[0] == pytest.approx(direct.item(), rel=1e-6)
+    frac = metrics["actor/stapo/spurious_frac_global"]
+    assert float(frac.values[0] if hasattr(frac, "values") else frac) == \
+        pytest.approx(float(ref_m["actor/stapo/spurious_frac"]))
+    assert 0 < float(ref_m["actor/stapo/spurious_frac"]) < 1
+    assert float(loss_fn.minibatch_stats["minibatch_tokens"]) == int(mask.sum())
+
+
+def test_per_micro_batch_normaliser_depends_on_the_split():
+    # the control of the test above
+    old, new, adv, mask, entropy = _spurious_batch(31)
+    run, _, engine = minibatch_split_run("stapo", (old, new, adv, mask, entropy, None), SPLIT,
+                                         current_entropy=entropy, **PER_MICRO)
+    assert engine.forward_calls == 0
+    with pytest.raises(AssertionError):
+        assert_split_invariant(run)
+
+
+def _dp_minibatch_job(rank, world, group):
+    old, new, adv, mask, entropy = _spurious_batch(40)
+    rows = list(range(rank, 8, world))
+    local = list(range(len(rows)))
+    split = (local[:1], local[1:]) if world > 1 else SPLIT
+    run, loss_fn, _ = minibatch_split_run("stapo", (old, new, adv, mask, entropy, None), split,
+                                          current_entropy=entropy, dp_group=group, rows_of_rank=rows, world=world,
+                                          **QUANT)
+    loss, grad, metrics = run(local)
+    frac = metrics["actor/stapo/spurious_frac_global"]
+    return {"rows": rows, "loss": loss, "grad": grad, "frac": float(frac.values[0] if hasattr(frac, "values") else frac),
+            "tau_h": float(loss_fn.minibatch_stats["entropy_threshold"])}
+
+
+def test_minibatch_pass_on_two_data_parallel_ranks_equals_one_process(tmp_path):
+    (single,) = run_on_ranks(_dp_minibatch_job, 1, tmp_path / "one")
+    ranks = run_on_ranks(_dp_minibatch_job, 2, tmp_path / "two")
+    assert 0 < single["frac"] < 1
+    # τ_h is the quantile of the candidates gathered from both ranks
+    assert all(r["frac"] == pytest.approx(single["frac"]) and r["tau_h"] == single["tau_h"] for r in ranks)
+    assert_ranks_equal_single(single, ranks)
+
+
 def _dp_job(rank, world, group):
     old, new, adv, mask, entropy = _spurious_batch(40)
     rows = list(range(rank, 8, world))
     spec = registry.get("stapo")
-    cfg = actor_config(loss_mode="stapo", **ABS)
+    cfg = actor_config(loss_mode="stapo", **PER_MICRO)
     cfg.global_batch_info.update(dp_size=world, batch_num_tokens=int(mask.sum()), global_batch_size=8,
                                  loss_scale_factor=None)
-    options = STAPOOptions(**ABS)
+    options = STAPOOptions(**PER_MICRO)
     lp = new[rows].clone().requires_grad_(True)
     loss, metrics = run_loss(spec, options, old_log_prob=old[rows], log_prob=lp, advantages=adv[rows],
                              response_mask=mask[rows], loss_agg_mode="token-mean", config=cfg, entropy=entropy[rows],
@@ -180,7 +295,7 @@ def _dp_job(rank, world, group):
             "frac": float(metrics["actor/stapo/spurious_frac_global"])}
 
 
-def test_two_data_parallel_ranks_renormalise_with_the_global_count(tmp_path):
+def test_per_micro_batch_counts_are_summed_over_data_parallel_ranks(tmp_path):
     (single,) = run_on_ranks(_dp_job, 1, tmp_path / "one")
     ranks = run_on_ranks(_dp_job, 2, tmp_path / "two")
     assert 0 < single["frac"] < 1
@@ -204,7 +319,11 @@ def test_two_step_cpu_run_through_the_trainer(tmp_path):
     metrics = two_step_run_metrics("stapo", tmp_path)
     for step in (1, 2):
         for key in ("actor/stapo/spurious_frac", "actor/stapo/spurious_frac_global", "actor/stapo/entropy_threshold",
-                    "stapo/entropy_threshold", "actor/entropy", "actor/pg_loss"):
+                    "actor/stapo/candidate_frac", "actor/entropy", "actor/pg_loss"):
             assert key in metrics[step], (step, key, sorted(metrics[step]))
             assert math.isfinite(float(metrics[step][key])), (step, key, metrics[step][key])
         assert 0.0 <= float(metrics[step]["actor/stapo/spurious_frac"]) <= 1.0
+        # the mini-batch pass saw the whole mini-batch (tiny: 8 prompts x 4 responses, one mini-batch, two
+        # micro-batches of 16), not one micro-batch
+        tokens = float(metrics[step]["response_length/mean"]) * 32
+        assert float(metrics[step]["actor/stapo/minibatch_tokens"]) == pytest.approx(tokens), (step, tokens)

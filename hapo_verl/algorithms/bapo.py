@@ -12,20 +12,28 @@ at the maximum (``bound_order=lower_first``). The update then maximises (Algorit
 
     J = Σ_t min(r_t·A_t, clip(r_t, c_low, c_high)·A_t)          (+ verl's dual clip with ``dual_clip=true``)
 
-aggregated like verl's loss (global token-mean). P and N are summed over the tokens the loss sees and then over the
-data-parallel ranks (``LossInputs.all_reduce``), so every rank picks the same bounds. The search is vectorised: the
-whole path of candidate bounds is evaluated at once (one bucketize + two scatter-adds), without host syncs.
+aggregated like verl's loss (global token-mean). The search is vectorised: the whole path of candidate bounds is
+evaluated at once (one bucketize + two scatter-adds), without host syncs.
+
+Where P and N come from (``bounds_per``): the bounds belong to one update, i.e. one optimizer step over an update
+mini-batch at the current θ. verl runs a mini-batch's loss micro-batch by micro-batch and back-propagates each one
+before the next forward, so the whole mini-batch's ratios exist only after a forward pass over all of it.
+``mini_batch`` (default) runs that pass before each mini-batch's update (hapo-verl's mini-batch pass, the
+``MINIBATCH_STATS`` need: one extra forward, no backward), sums P and N over its micro-batches and the data-parallel
+ranks, and every micro-batch of the mini-batch uses those bounds: the result does not depend on the micro-batch
+split or the data-parallel size. ``micro_batch`` searches in each micro-batch's loss over that micro-batch's tokens
+(summed over the data-parallel ranks, ``LossInputs.all_reduce``), as the authors' code does, without the extra pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from hapo_verl.algorithms.ppo import device_constants, masked_mean
-from hapo_verl.registry import LossInputs, algorithm, option
+from hapo_verl.registry import MINIBATCH_STATS, LossInputs, MiniBatchPart, algorithm, option
 
 PAPER = "BAPO, arXiv 2510.18927 (https://arxiv.org/abs/2510.18927)"
 CODE = "WooooDyy/BAPO recipe/bapo/policy_loss.py"
@@ -58,6 +66,12 @@ class BAPOOptions:
         "c_high+δ₁ ≤ b⁺, then c_low by δ₂ while c_low+δ₂ ≤ b⁻) or lower_first (the authors' code: c_low first, "
         "then c_high, each step clamped at its maximum).", choices=("upper_first", "lower_first"),
         paper=PAPER + " Algorithm 1; " + CODE)
+    bounds_per: str = option(
+        "mini_batch", "mini_batch: search the bounds once per update mini-batch over all its tokens at the current "
+        "policy (a forward-only pass over the mini-batch before its update, all data-parallel ranks): independent of "
+        "the micro-batch split. micro_batch: search in each micro-batch's loss over that micro-batch (all ranks), as "
+        "the authors' code; no extra forward pass.", choices=("mini_batch", "micro_batch"),
+        paper=PAPER + " Algorithm 1 (bounds per update); " + CODE)
     dual_clip: bool = option(
         False, "Add verl's dual clip (loss of A<0 tokens capped at -c·A, c = actor.clip_ratio_c), as the authors' "
         "code does. false: the paper's objective (Algorithm 1, line 20).", paper=PAPER + "; " + CODE)
@@ -168,13 +182,25 @@ def search_bounds(ratio, advantages, response_mask, options: BAPOOptions,
     """The adaptive-clipping search (Algorithm 1, lines 8-17) without a host sync: every candidate of
     :func:`bound_path` is evaluated, P and N are summed over the data-parallel ranks (``all_reduce``), and the first
     candidate with ρ ≥ ρ₀ is chosen (else the last). Returns 0-dim tensors (c_low, c_high, ρ, index)."""
-    path = bound_path(options)
-    device = ratio.device
-    p, n = contributions_along_path(ratio, advantages, response_mask, [c[0] for c in path], [c[1] for c in path])
-    lows = device_constants(tuple(c[0] for c in path), torch.float64, torch.device(device))
-    highs = device_constants(tuple(c[1] for c in path), torch.float64, torch.device(device))
+    p, n = path_contributions(ratio, advantages, response_mask, options)
     if all_reduce is not None:
         p, n = all_reduce(torch.stack([p, n])).unbind(0)
+    return choose_bounds(p, n, options)
+
+
+def path_contributions(ratio, advantages, response_mask, options: BAPOOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k, N_k) along :func:`bound_path` over the tokens passed in."""
+    path = bound_path(options)
+    return contributions_along_path(ratio, advantages, response_mask, [c[0] for c in path], [c[1] for c in path])
+
+
+def choose_bounds(p: torch.Tensor, n: torch.Tensor, options: BAPOOptions):
+    """Algorithm 1, lines 8-17, given (P_k, N_k) along the path: the first candidate with ρ ≥ ρ₀, else the last.
+    Returns 0-dim tensors (c_low, c_high, ρ, index)."""
+    path = bound_path(options)
+    device = p.device
+    lows = device_constants(tuple(c[0] for c in path), torch.float64, torch.device(device))
+    highs = device_constants(tuple(c[1] for c in path), torch.float64, torch.device(device))
     rho = positive_share(p, n)
     k = len(path)
     index = torch.arange(k, device=device)
@@ -194,12 +220,17 @@ def bapo_policy_loss(
     aggregate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rollout_is_weights: torch.Tensor | None = None,
+    bounds: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BAPO's loss (module docstring): bound search over the tokens passed in (and the other data-parallel ranks),
-    then the clipped objective with those bounds."""
+    """BAPO's loss (module docstring): the clipped objective with ``bounds`` (:func:`bapo_minibatch_finalize` of
+    the whole mini-batch), or, without them, with the bounds searched over the tokens passed in (and the other
+    data-parallel ranks)."""
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
-    c_low, c_high, rho, chosen = search_bounds(ratio, advantages, response_mask, options, all_reduce)
+    if bounds is None:
+        c_low, c_high, rho, chosen = search_bounds(ratio, advantages, response_mask, options, all_reduce)
+    else:
+        c_low, c_high, rho, chosen = (bounds[k] for k in ("clip_low", "clip_high", "positive_ratio", "search_steps"))
     lower, upper = c_low.to(ratio.dtype), c_high.to(ratio.dtype)
     clipped_ratio = torch.minimum(torch.maximum(ratio, lower), upper)
     pg_losses1 = -advantages * ratio
@@ -232,15 +263,33 @@ def bapo_policy_loss(
     return loss, metrics
 
 
+def bapo_needs(options: BAPOOptions) -> frozenset:
+    return frozenset({MINIBATCH_STATS}) if options.bounds_per == "mini_batch" else frozenset()
+
+
+def bapo_minibatch_stats(part: MiniBatchPart, options: BAPOOptions) -> dict[str, torch.Tensor]:
+    """(P_k, N_k) along the path over one micro-batch of the mini-batch pass, at the current policy."""
+    ratio = torch.exp(torch.clamp(part.log_prob - part.old_log_prob, min=-20.0, max=20.0))
+    p, n = path_contributions(ratio, part.advantages, part.response_mask, options)
+    return {"positive": p, "negative": n}
+
+
+def bapo_minibatch_finalize(totals: Mapping[str, torch.Tensor], options: BAPOOptions) -> dict[str, torch.Tensor]:
+    """The bounds of the whole mini-batch (P and N summed over its micro-batches and the data-parallel ranks)."""
+    c_low, c_high, rho, chosen = choose_bounds(totals["positive"], totals["negative"], options)
+    return {"clip_low": c_low, "clip_high": c_high, "positive_ratio": rho, "search_steps": chosen}
+
+
 @algorithm("loss", name="bapo", title="BAPO", paper=PAPER,
            summary="Adaptive ratio bounds per update until positive-advantage tokens carry a share ρ₀ of the loss.",
-           loss_options=BAPOOptions)
+           loss_options=BAPOOptions, loss_needs=bapo_needs, minibatch_stats=bapo_minibatch_stats,
+           minibatch_finalize=bapo_minibatch_finalize)
 def bapo_loss(inputs: LossInputs, options: BAPOOptions):
     return bapo_policy_loss(
         inputs.old_log_prob, inputs.log_prob, inputs.advantages, inputs.response_mask, options,
         clip_ratio_c=inputs.clip_ratio_c, aggregate=lambda mat, mask: inputs.aggregate(mat, mask),
-        all_reduce=inputs.all_reduce, rollout_is_weights=inputs.rollout_is_weights)
+        all_reduce=inputs.all_reduce, rollout_is_weights=inputs.rollout_is_weights, bounds=inputs.minibatch_stats)
 
 
-__all__ = ["BAPOOptions", "bapo_policy_loss", "bound_path", "contributions_along_path", "positive_share",
-           "search_bounds"]
+__all__ = ["BAPOOptions", "bapo_minibatch_finalize", "bapo_minibatch_stats", "bapo_policy_loss", "bound_path",
+           "choose_bounds", "contributions_along_path", "path_contributions", "positive_share", "search_bounds"]

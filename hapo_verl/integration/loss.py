@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from hapo_verl import registry
+from hapo_verl.integration.collectives import dp_all_reduce
 from hapo_verl.integration.options import LOSS_KEY, active_loss_spec, loss_options
 
 #: batch meta key carrying the active loss's batch statistics (trainer -> workers)
@@ -58,25 +59,6 @@ def global_aggregate(config, loss_agg_mode: str, response_mask: torch.Tensor):
     return aggregate
 
 
-def dp_all_reduce(dp_group=None):
-    """``all_reduce(tensor)``: the sum over the data-parallel group verl's engine hands the loss (``dp_group``), a
-    no-op on one process. Every rank calls it once per micro-batch: verl's engines give every data-parallel rank the
-    same number of micro-batches (``prepare_micro_batches(..., same_micro_num_in_dp=True)``)."""
-
-    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        if dp_group is None or not (dist.is_available() and dist.is_initialized()):
-            return tensor
-        if dist.get_world_size(group=dp_group) <= 1:
-            return tensor
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=dp_group)
-        return out
-
-    return all_reduce
-
-
 def _kl(log_prob, other, kind):
     from verl.trainer.ppo.core_algos import kl_penalty
 
@@ -97,7 +79,7 @@ def _require_entropy(spec, needs, entropy) -> None:
 
 def run_loss(spec: registry.AlgorithmSpec, options, *, old_log_prob, log_prob, advantages, response_mask,
              loss_agg_mode: str, config, entropy=None, rollout_is_weights=None, batch_stats=None,
-             ref_log_prob=None, dp_group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_log_prob=None, dp_group=None, minibatch_stats=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Call ``spec.loss`` with verl's clip settings, global aggregation and the data-parallel sum over ``dp_group``
     (none: one process). Metrics: 0-dim tensors named as verl logs them (``actor/pg_clipfrac`` ..., else
     ``actor/<name>/<key>``)."""
@@ -113,7 +95,8 @@ def run_loss(spec: registry.AlgorithmSpec, options, *, old_log_prob, log_prob, a
         clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_c, entropy=entropy,
         batch_stats=batch_stats if registry.BATCH_STATS in needs else None, rollout_is_weights=rollout_is_weights,
         ref_log_prob=ref_log_prob if use_kl else None, kl_coef=float(config.get("kl_loss_coef", 0.0)) if use_kl else 0.0,
-        kl_type=str(config.get("kl_loss_type", "low_var_kl")), kl=_kl, all_reduce=dp_all_reduce(dp_group))
+        kl_type=str(config.get("kl_loss_type", "low_var_kl")), kl=_kl, all_reduce=dp_all_reduce(dp_group),
+        minibatch_stats=minibatch_stats if registry.MINIBATCH_STATS in needs else None)
     loss, raw = spec.loss(inputs, options)
     prefix = f"actor/{spec.name}/"
     metrics = {(f"actor/{k}" if k in registry.VERL_LOSS_METRICS else prefix + k): v for k, v in raw.items()}
@@ -253,11 +236,11 @@ def verl_policy_loss(spec: registry.AlgorithmSpec):
 
 
 # ------------------------------------------------------------------------------ worker side
-def registered_ppo_loss(config, model_output, data, dp_group=None):
-    """The worker-side loss for every registered loss, installed with ``actor_rollout_wg.set_loss_fn``: verl's
-    ``ppo_loss`` bookkeeping (global batch info, metric aggregation, entropy bonus, KL loss) around the spec's loss,
-    fed with the old-policy entropy stored by verl's old-log-prob step, the current entropy, or the batch
-    statistics the trainer sent (``BATCH_STATS_FIELD``), as the spec asks."""
+def registered_ppo_loss(config, model_output, data, dp_group=None, minibatch_stats=None):
+    """The worker-side loss for every registered loss (called by :class:`RegisteredLoss`): verl's ``ppo_loss``
+    bookkeeping (global batch info, metric aggregation, entropy bonus, KL loss) around the spec's loss, fed with the
+    old-policy entropy stored by verl's old-log-prob step, the current entropy, the batch statistics the trainer sent
+    (``BATCH_STATS_FIELD``) or the mini-batch pass's statistics (``minibatch_stats``), as the spec asks."""
     from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
     from verl.utils import tensordict_utils as tu
     from verl.utils.metric import AggregationType, Metric
@@ -300,6 +283,10 @@ def registered_ppo_loss(config, model_output, data, dp_group=None):
             raise RuntimeError(f"loss_mode={spec.name}: the trainer did not send this step's batch statistics "
                                f"({BATCH_STATS_FIELD})")
         batch_stats = sent[spec.name]
+    if registry.MINIBATCH_STATS in needs and minibatch_stats is None:
+        raise RuntimeError(
+            f"loss_mode={spec.name}: the mini-batch pass did not run before this update mini-batch; it is installed "
+            "with the loss by hapo-verl's trainer (hapo_verl.patches.minibatch_prepass)")
     padded = data.select(*fields, *[n for n in OPTIONAL_FIELDS if n in data.keys()]).to_padded_tensor()
     response_mask = padded["response_mask"].to(bool)
     if registry.OLD_ENTROPY in needs:
@@ -310,7 +297,11 @@ def registered_ppo_loss(config, model_output, data, dp_group=None):
         spec, options, old_log_prob=padded["old_log_probs"], log_prob=log_prob, advantages=padded["advantages"],
         response_mask=response_mask, loss_agg_mode=config.loss_agg_mode, config=config, entropy=entropy,
         rollout_is_weights=padded.get("rollout_is_weights", None), batch_stats=batch_stats,
-        ref_log_prob=padded["ref_log_prob"] if use_kl else None, dp_group=dp_group)
+        ref_log_prob=padded["ref_log_prob"] if use_kl else None, dp_group=dp_group, minibatch_stats=minibatch_stats)
+    if minibatch_stats is not None:
+        from hapo_verl.integration.minibatch import TOKENS
+
+        pg_metrics[f"actor/{spec.name}/{TOKENS}"] = minibatch_stats[TOKENS].to(torch.float32)
     metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
     policy_loss = pg_loss
@@ -326,3 +317,62 @@ def registered_ppo_loss(config, model_output, data, dp_group=None):
         metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
     return policy_loss, metrics
+
+
+class RegisteredLoss:
+    """The loss the trainer installs in the actor workers with ``set_loss_fn``: verl calls it per micro-batch as
+    ``loss_fn(model_output=, data=, dp_group=)`` (:func:`registered_ppo_loss`). For a loss that needs statistics of
+    the whole update mini-batch (``MINIBATCH_STATS``), verl's engine calls :meth:`before_mini_batch` before each
+    mini-batch's micro-batches and :meth:`after_mini_batch` after them (:mod:`hapo_verl.patches.minibatch_prepass`,
+    applied when the loss arrives in a worker process)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.minibatch_stats = None
+
+    def __call__(self, model_output, data, dp_group=None):
+        return registered_ppo_loss(self.config, model_output, data, dp_group=dp_group,
+                                   minibatch_stats=self.minibatch_stats)
+
+    def _spec_and_options(self):
+        spec = active_loss_spec(self.config)
+        return spec, loss_options(spec, self.config.policy_loss)
+
+    @property
+    def needs_minibatch_pass(self) -> bool:
+        spec, options = self._spec_and_options()
+        return registry.MINIBATCH_STATS in spec.needs_of_loss(options)
+
+    def before_mini_batch(self, engine, data) -> None:
+        """The mini-batch pass over ``data`` (one update mini-batch, on this data-parallel rank) with ``engine``."""
+        self.minibatch_stats = None
+        spec, options = self._spec_and_options()
+        if registry.MINIBATCH_STATS not in spec.needs_of_loss(options):
+            return
+        from verl.utils import tensordict_utils as tu
+
+        from hapo_verl.integration.minibatch import minibatch_statistics
+
+        sent = tu.get_non_tensor_data(data=data, key=BATCH_STATS_FIELD, default=None)
+        batch_stats = sent.get(spec.name) if sent and registry.BATCH_STATS in spec.needs_of_loss(options) else None
+        self.minibatch_stats = minibatch_statistics(spec, options, engine, data, batch_stats=batch_stats,
+                                                    old_entropy_field=OLD_ENTROPY_FIELD)
+
+    def after_mini_batch(self) -> None:
+        self.minibatch_stats = None
+
+    def _apply_worker_shim(self) -> None:
+        if self.needs_minibatch_pass:
+            from hapo_verl.patches import shim_module
+
+            shim_module("minibatch_prepass").apply()
+
+    def __getstate__(self):
+        return {"config": self.config}
+
+    def __setstate__(self, state):
+        # unpickled in each actor worker by set_loss_fn: install the engine hook in that process (not on the
+        # driver, which runs no engine)
+        self.config = state["config"]
+        self.minibatch_stats = None
+        self._apply_worker_shim()

@@ -12,7 +12,8 @@ One step, in verl's order, with what this class adds:
 3. ``_compute_advantage``: the estimator runs through verl's registry with what its spec needs made available
    (:func:`hapo_verl.integration.estimator.estimator_inputs`); its metrics are logged.
 4. ``_update_actor``: the loss's batch statistics travel to the workers in the batch meta; the loss itself was
-   installed in the workers at start-up with ``set_loss_fn`` (:func:`registered_ppo_loss`).
+   installed in the workers at start-up with ``set_loss_fn`` (:class:`RegisteredLoss`, which also runs the
+   mini-batch pass before each update mini-batch for a loss that needs it).
 5. ``_save_checkpoint`` / ``_load_checkpoint``: the rollout's entropy statistics are saved and restored.
 """
 
@@ -23,7 +24,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from hapo_verl import registry
 from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor_from_entropy
 from hapo_verl.integration import estimator as estimator_glue
-from hapo_verl.integration.loss import BATCH_STATS_FIELD, registered_ppo_loss
+from hapo_verl.integration.loss import BATCH_STATS_FIELD, RegisteredLoss
 from hapo_verl.integration.options import active_estimator_spec, active_loss_spec, estimator_options, loss_options
 from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY, AdaptiveTemperatureRequest
 from hapo_verl.trainer.agent_loop import SAMPLING_ARGS_FIELD
@@ -138,7 +138,7 @@ class HAPOTrainerSync(PPOTrainerSync):
             from verl.utils.config import omega_conf_to_dataclass
 
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-            self.actor_rollout_wg.set_loss_fn(partial(registered_ppo_loss, config=actor_config))
+            self.actor_rollout_wg.set_loss_fn(RegisteredLoss(actor_config))
             logger.info("hapo-verl: %s loss installed in the actor workers", self.plan.loss_spec.title)
         super().on_init_end()
 
