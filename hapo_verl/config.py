@@ -68,9 +68,11 @@ def _make_loss_config(spec: registry.AlgorithmSpec) -> type:
             raise ValueError(f"{LOSS_KEY} is missing; set {LOSS_KEY}.loss_mode={spec.name}")
         data = dict(options.items())
         data.pop("_target_", None)
+        names = {f.name for f in fields(spec.loss_options)}  # an option may reuse a verl key name (kl_cov_ratio)
         own = registry.load_options(spec.loss_options,
-                                    {k: v for k, v in data.items() if k not in VERL_LOSS_FIELDS}, LOSS_KEY)
-        base = {k: v for k, v in data.items() if k in VERL_LOSS_FIELDS}
+                                    {k: v for k, v in data.items() if k not in VERL_LOSS_FIELDS or k in names},
+                                    LOSS_KEY)
+        base = {k: v for k, v in data.items() if k in VERL_LOSS_FIELDS and k not in names}
         if "rollout_correction" in base:
             base["rollout_correction"] = _as_rollout_correction(base["rollout_correction"])
         if base.get("rollout_correction", "") is None:

@@ -105,12 +105,12 @@ def read_metrics(path):
     return {row["step"]: row["data"] for row in rows}
 
 
-def run_tiny(config, out, timeout=900):
-    """``python -m hapo_verl.cli tiny --config <config> --steps 2 --out <out>`` through the shared CPU runner
-    (private Ray temp dir, process-group cleanup, timeout). Returns (rc, output); rc is None on timeout."""
+def run_tiny(config, out, timeout=900, overrides=()):
+    """``python -m hapo_verl.cli tiny --config <config> --steps 2 --out <out> [overrides]`` through the shared CPU
+    runner (private Ray temp dir, process-group cleanup, timeout). Returns (rc, output); rc is None on timeout."""
     from cpu_run_utils import run_verl
 
-    res = run_verl(["tiny", "--config", config, "--steps", "2", "--out", str(out)], timeout=timeout,
+    res = run_verl(["tiny", "--config", config, "--steps", "2", "--out", str(out), *overrides], timeout=timeout,
                    module="hapo_verl.cli")
     return res.rc, res.output
 
@@ -128,9 +128,10 @@ def assert_loss_option_rejected(config, key, value, match):
         prepare_config(composed)
 
 
-def two_step_run_metrics(config, tmp_path):
-    """The per-step metrics of a 2-step tiny CPU run of ``config`` (asserting it succeeded)."""
-    rc, output = run_tiny(config, tmp_path)
+def two_step_run_metrics(config, tmp_path, overrides=()):
+    """The per-step metrics of a 2-step tiny CPU run of ``config`` with Hydra ``overrides`` (asserting it
+    succeeded)."""
+    rc, output = run_tiny(config, tmp_path, overrides=overrides)
     assert rc == 0, output[-6000:]
     metrics = read_metrics(tmp_path / config / "metrics.jsonl")
     assert {1, 2} <= set(metrics), metrics.keys()
@@ -141,10 +142,10 @@ def two_step_run_metrics(config, tmp_path):
 SPLIT = ([0, 1, 2], [3, 4, 5, 6], [7])
 
 
-def assert_split_invariant(run, n_rows=8, split=SPLIT):
+def assert_split_invariant(run, n_rows=8, split=SPLIT, abs_tol=None):
     """``run(rows) -> (loss value, gradient of those rows' log-probs, metrics)``: the micro-batches' losses sum to the
-    whole batch's, and their gradients equal its gradient (verl's global-batch aggregation). Returns the whole batch's
-    metrics."""
+    whole batch's (relative 1e-6; ``abs_tol`` for a loss near 0, whose float32 sums cancel), and their gradients
+    equal its gradient (verl's global-batch aggregation). Returns the whole batch's metrics."""
     import pytest
 
     full, g_full, metrics = run(list(range(n_rows)))
@@ -153,7 +154,7 @@ def assert_split_invariant(run, n_rows=8, split=SPLIT):
         part, g, _ = run(rows)
         total += part
         grads[rows] = g
-    assert total == pytest.approx(full, rel=1e-6)
+    assert total == pytest.approx(full, rel=1e-6, abs=abs_tol)
     assert torch.allclose(grads, g_full, atol=1e-7)
     return metrics
 

@@ -187,8 +187,8 @@ def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_sync
     """How device-agnosticism is checked on CPU: the loss runs on ``meta`` tensors (no data: any ``.item()``,
     ``.tolist()`` or Python branch on a tensor value raises) under a dispatch mode that rejects any op producing a
     CPU tensor (a factory call without ``device=``), with ``torch.tensor``/``torch.as_tensor`` of host data on the
-    device refused (a host-to-device copy). The batch statistics are computed on the driver beforehand, as the
-    trainer does."""
+    device refused (a host-to-device copy). The batch statistics are computed on the driver beforehand, and the
+    mini-batch statistics in the pass before the update, as the trainer does (then moved to the device)."""
     from loss_test_utils import actor_config
 
     from hapo_verl.integration.loss import run_loss
@@ -202,6 +202,16 @@ def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_sync
     if spec.batch_stats is not None:
         stats = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy, old_log_prob=old),
                                  options)
+    minibatch = None
+    if registry.MINIBATCH_STATS in spec.needs_of_loss(options):
+        from hapo_verl.integration.minibatch import minibatch_statistics
+        from loss_test_utils import MicroBatchEngine, identity_padding, worker_data
+
+        data = worker_data(old, adv, mask, entropy)
+        with identity_padding():
+            minibatch = minibatch_statistics(spec, options, MicroBatchEngine(new, [list(range(old.shape[0]))],
+                                                                             entropy), data, batch_stats=stats)
+        minibatch = {k: v.to("meta") for k, v in minibatch.items()}
     n_tok = int(mask.sum())
     config.global_batch_info.update(dp_size=1, batch_num_tokens=n_tok, global_batch_size=old.shape[0],
                                     loss_scale_factor=None)
@@ -210,7 +220,7 @@ def test_every_registered_loss_runs_on_meta_tensors_without_host_tensors_or_sync
     with _NoHostTensors():
         loss, metrics = run_loss(spec, options, old_log_prob=meta[0], log_prob=meta[1], advantages=meta[2],
                                  response_mask=meta[3], loss_agg_mode="token-mean", config=config, entropy=meta[4],
-                                 batch_stats=stats, ref_log_prob=meta[0])
+                                 batch_stats=stats, ref_log_prob=meta[0], minibatch_stats=minibatch)
     assert loss.device.type == "meta"
     assert metrics and all(v.device.type == "meta" for v in metrics.values()), metrics
 

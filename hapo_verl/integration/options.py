@@ -37,11 +37,11 @@ def loss_options(spec: registry.AlgorithmSpec, policy_loss):
     ``PolicyLossConfig`` reads as the defaults)."""
     if policy_loss is None:
         return spec.loss_options()
+    names = {f.name for f in fields(spec.loss_options)}
     if is_dataclass(policy_loss):
-        names = {f.name for f in fields(spec.loss_options)}
         data = {f.name: getattr(policy_loss, f.name) for f in fields(policy_loss) if f.name in names}
-    else:
-        data = {k: v for k, v in dict(policy_loss.items()).items() if k not in verl_loss_fields()}
+    else:  # verl's own keys are not this loss's unless it declares an option of that name (kl_cov_ratio ...)
+        data = {k: v for k, v in dict(policy_loss.items()).items() if k not in verl_loss_fields() or k in names}
     return registry.load_options(spec.loss_options, data, LOSS_KEY)
 
 
