@@ -16,6 +16,11 @@
    the trainer gives it: old-policy entropy and log-probs, batch statistics computed beforehand) at 512 prompts x 16,
    4096 tokens (random interleaved groups) / verl's grpo_vectorized (target <= 2); estimators registered later join
    without edits. ``--section estimators`` runs only this part, ``--estimators NAME,...`` a subset.
+5. Every registered selection step (hapo_verl.registry.selection_specs(), enabled, at its first step's keep ratios,
+   given what the trainer gives it: verl's GRPO advantages, the old-policy entropy, the rows' response lengths) at
+   512 prompts x 16, 4096 tokens (the batch of section 4) / verl's grpo_vectorized (target <= 2), both with one
+   torch thread by default (``--selection-threads``): both run in verl's TaskRunner, a Ray actor with num_cpus=1,
+   which Ray starts with OMP_NUM_THREADS=1. ``--section selections`` runs only this part.
 Timings are medians over repeats; only the ratios are meaningful across machines.
 """
 
@@ -186,13 +191,44 @@ def bench_registry_losses(rows: int, length: int, repeats: int, names: list[str]
         if spec.batch_stats is not None and registry.BATCH_STATS in spec.needs_of_loss(options):
             stats = spec.batch_stats(registry.OldPolicyBatch(response_mask=mask, entropy=entropy, old_log_prob=old),
                                      options)
+        minibatch = None
+        if registry.MINIBATCH_STATS in spec.needs_of_loss(options):
+            # the mini-batch pass's statistics (its forward excluded: the model's), timed on their own below
+            def pass_stats(spec=spec, options=options, stats=stats):
+                return _minibatch_pass_statistics(spec, options, old, base, adv, mask, entropy, stats)
 
-        def loss_fn(new, spec=spec, options=options, cfg=cfg, stats=stats):
+            minibatch = pass_stats()
+            fns[f"{name} (mini-batch pass statistics)"] = pass_stats
+
+        def loss_fn(new, spec=spec, options=options, cfg=cfg, stats=stats, minibatch=minibatch):
             return run_loss(spec, options, old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
-                            loss_agg_mode="token-mean", config=cfg, entropy=entropy, batch_stats=stats)[0]
+                            loss_agg_mode="token-mean", config=cfg, entropy=entropy, batch_stats=stats,
+                            minibatch_stats=minibatch)[0]
 
         fns[name] = step(loss_fn)
     return median_times(fns, repeats)
+
+
+def _minibatch_pass_statistics(spec, options, old, log_prob, adv, mask, entropy, batch_stats):
+    """What the mini-batch pass computes besides the model's forward: the spec's statistics over the whole batch as
+    one micro-batch (padding is the identity here), reduced and finalized."""
+    from unittest import mock
+
+    from tensordict import TensorDict
+
+    from hapo_verl.integration.minibatch import minibatch_statistics
+
+    class Engine:  # hands the given log-probs and entropy as the model output of one micro-batch
+        def forward_backward_batch(self, data, loss_function, forward_only=False):
+            loss_function(model_output={"log_probs": log_prob, "entropy": entropy}, data=data)
+
+        def get_data_parallel_group(self):
+            return None
+
+    data = TensorDict({"response_mask": mask.float(), "old_log_probs": old, "advantages": adv, "entropy": entropy},
+                      batch_size=[old.shape[0]])
+    with torch.no_grad(), mock.patch("verl.workers.utils.padding.no_padding_2_padding", lambda t, d: t):
+        return minibatch_statistics(spec, options, Engine(), data, batch_stats=batch_stats)
 
 
 def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
@@ -236,14 +272,50 @@ def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
     return median_times(fns, repeats)
 
 
+def bench_registry_selections(prompts: int, n: int, length: int, repeats: int) -> dict:
+    """Median seconds of verl's grpo_vectorized and of every registered selection step, measured interleaved on
+    the batch of :func:`bench_registry_estimators`: each step enabled with its other options at their defaults, at
+    step 1 of 100 (the most aggressive keep ratios of a schedule), on verl's GRPO advantages of that batch, the
+    old-policy entropy and the rows' response lengths (the trainer has them from TransferQueue's offsets)."""
+    import dataclasses
+
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    from hapo_verl import registry
+    from hapo_verl.algorithms.groups import group_ids_from_index
+
+    torch.manual_seed(0)
+    B = prompts * n
+    lengths = torch.randint(1, length + 1, (B,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    tlr = torch.zeros(B, length)
+    tlr[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,)).float()
+    index = np.array([f"uid-{i // n}" for i in torch.randperm(B).tolist()], dtype=object)
+    entropy = torch.rand(B, length) * 3 * mask  # zero-padded, as the trainer's (verl's to_padded_tensor)
+    old_log_prob = -torch.rand(B, length) * 2 * mask
+    grpo = get_adv_estimator_fn("grpo_vectorized")
+    advantages, _ = grpo(token_level_rewards=tlr, response_mask=mask, index=index)
+    group_ids = group_ids_from_index(index)
+    fns = {"grpo_vectorized": lambda: grpo(token_level_rewards=tlr, response_mask=mask, index=index)}
+    for name, spec in registry.selection_specs().items():
+        options = dataclasses.replace(spec.selection_options(), enable=True)
+        inputs = registry.SelectionInputs(advantages=advantages, response_mask=mask, group_ids=group_ids,
+                                          entropy=entropy, old_log_prob=old_log_prob, step=1, total_steps=100,
+                                          lengths=lengths)
+        fns[name] = lambda spec=spec, inputs=inputs, options=options: spec.selection(inputs, options)
+    return median_times(fns, repeats)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--section", choices=("all", "core", "registry", "estimators"), default="all",
+    parser.add_argument("--section", choices=("all", "core", "registry", "estimators", "selections"), default="all",
                         help="core: sections 1-2 (HAPO); registry: section 3 (every registered loss)")
     parser.add_argument("--losses", default="", help="comma-separated registered losses for section 3 (default all)")
     parser.add_argument("--estimators", default="", help="comma-separated registered estimators for section 4")
+    parser.add_argument("--selection-threads", type=int, default=1,
+                        help="torch threads for section 5 (verl's driver has 1; 0 keeps the current number)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch threads: {torch.get_num_threads()}")
@@ -255,12 +327,33 @@ def main():
         times = bench_registry_losses(rows, length, 3 if args.quick else args.repeats, names)
         print(f"registered losses, forward+backward ({rows} x {length}, token-mean; median of "
               f"{3 if args.quick else args.repeats}, interleaved)")
-        print(f"  {'verl vanilla':24s} {times['vanilla'] * 1e3:9.1f} ms")
+        print(f"  {'verl vanilla':44s} {times['vanilla'] * 1e3:9.1f} ms")
         for name, t in times.items():
             if name != "vanilla":
-                print(f"  {name:24s} {t * 1e3:9.1f} ms   ratio / vanilla = {t / times['vanilla']:.2f}")
+                print(f"  {name:44s} {t * 1e3:9.1f} ms   ratio / vanilla = {t / times['vanilla']:.2f}")
     if args.section in ("all", "estimators"):
         estimators(args)
+    if args.section in ("all", "selections"):
+        selections(args)
+
+
+def selections(args):
+    prompts, n, length = (16, 4, 64) if args.quick else (512, 16, 4096)
+    repeats = 3 if args.quick else args.repeats
+    threads = torch.get_num_threads()
+    if args.selection_threads:
+        torch.set_num_threads(args.selection_threads)
+    try:
+        times = bench_registry_selections(prompts, n, length, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"registered selection steps ({prompts} prompts x {n}, {length} tokens, groups interleaved, first-step "
+          f"ratios; {args.selection_threads or threads} torch thread(s); median of {repeats}, interleaved)")
+    print(f"  {'verl grpo_vectorized':24s} {times['grpo_vectorized'] * 1e3:9.1f} ms")
+    for name, t in times.items():
+        if name != "grpo_vectorized":
+            print(f"  {name:24s} {t * 1e3:9.1f} ms   ratio / grpo_vectorized = {t / times['grpo_vectorized']:.2f}"
+                  "   (target <= 2)")
 
 
 def estimators(args):

@@ -199,6 +199,23 @@ class OldPolicyBatch:
 
 
 @dataclass
+class SelectionInputs:
+    """What a registered selection step receives on the driver, after the advantage and before the update: the
+    whole batch padded (B, L), (B,) contiguous group ids, the old-policy tensors its spec asked for (None otherwise),
+    the training step (1-based) out of ``total_steps``, for schedules, and ``lengths`` (B,): each row's response
+    length, every token of the row lying before it (None when unknown)."""
+
+    advantages: Any
+    response_mask: Any
+    group_ids: Any
+    entropy: Any = None
+    old_log_prob: Any = None
+    step: int = 1
+    total_steps: int = 1
+    lengths: Any = None
+
+
+@dataclass
 class MiniBatchPart:
     """One micro-batch of the pass that precedes each update mini-batch (:data:`MINIBATCH_STATS`), padded (B, L):
     input of a spec's ``minibatch_stats``. ``log_prob`` is the current policy's (None when the spec's
@@ -259,6 +276,12 @@ class AlgorithmSpec:
             the next rollout.
         sampling_options: dataclass of the top-level ``<name>.*`` section that configures adaptive temperature
             sampling (read by the trainer; the spec must have ``rollout_entropy_stats``).
+        selection: ``selection(inputs: SelectionInputs, options) -> (keep, metrics)``: a driver-side step after
+            the advantage, composable with any estimator and any loss; ``keep`` (B, L) bool marks the tokens the
+            update uses (the trainer masks the others out of ``response_mask`` for the update), metrics floats.
+        selection_options: dataclass of the step's keys (``algorithm.<name>.*``); its bool field ``enable``
+            (default false) switches the step on.
+        selection_needs: like ``loss_needs``, for the selection step (computed on the driver).
     """
 
     name: str
@@ -281,6 +304,9 @@ class AlgorithmSpec:
     loss_requires_estimator: bool = False
     rollout_entropy_stats: bool = False
     sampling_options: type | None = None
+    selection: Callable | None = None
+    selection_options: type | None = None
+    selection_needs: Callable | frozenset = frozenset()
     module: str = ""
 
     def needs_of_loss(self, options) -> frozenset:
@@ -288,6 +314,9 @@ class AlgorithmSpec:
 
     def needs_of_estimator(self, options) -> frozenset:
         return _needs(self.estimator_needs, options)
+
+    def needs_of_selection(self, options) -> frozenset:
+        return _needs(self.selection_needs, options)
 
     def minibatch_pass_runs_forward(self, options) -> bool:
         return bool(self.minibatch_forward(options) if callable(self.minibatch_forward) else self.minibatch_forward)
@@ -318,6 +347,7 @@ def register_algorithm(**kwargs) -> AlgorithmSpec:
     """Declare a spec. Re-declaring from the same module (a reload) replaces it; another module claiming the
     name fails loudly."""
     spec = AlgorithmSpec(**kwargs)
+    _check_selection(spec)
     with _lock:
         current = _SPECS.get(spec.name)
         if current is not None and current.module != spec.module:
@@ -326,15 +356,30 @@ def register_algorithm(**kwargs) -> AlgorithmSpec:
     return spec
 
 
+def _check_selection(spec: AlgorithmSpec) -> None:
+    """A selection step has options with a bool ``enable`` defaulting to false (how the trainer knows it is on);
+    its keys live under ``algorithm.<name>``, so it cannot share that section with an estimator's options."""
+    if spec.selection is None:
+        return
+    names = {f.name: f for f in fields(spec.selection_options)} if is_dataclass(spec.selection_options) else {}
+    if "enable" not in names or names["enable"].default is not False:
+        raise ValueError(f"algorithm {spec.name!r}: selection_options must be a dataclass with a field "
+                         "'enable' defaulting to false")
+    if spec.estimator_options is not None:
+        raise ValueError(f"algorithm {spec.name!r}: a selection step and an estimator cannot share the keys "
+                         f"algorithm.{spec.name}.*")
+
+
 def algorithm(role: str, **kwargs) -> Callable:
-    """Decorator that declares an algorithm on the function computing its loss (``role="loss"``) or its advantage
-    (``role="advantage"``); the other parts are keyword arguments. Returns the function unchanged.
+    """Decorator that declares an algorithm on the function computing its loss (``role="loss"``), its advantage
+    (``role="advantage"``) or its selection step (``role="selection"``); the other parts are keyword arguments.
+    Returns the function unchanged.
 
         @algorithm("loss", name="my_loss", title="MyLoss", paper=..., loss_options=MyLossOptions, ...)
         def my_loss(inputs: LossInputs, options: MyLossOptions): ...
     """
-    if role not in ("loss", "advantage"):
-        raise ValueError(f"role must be 'loss' or 'advantage', got {role!r}")
+    if role not in ("loss", "advantage", "selection"):
+        raise ValueError(f"role must be 'loss', 'advantage' or 'selection', got {role!r}")
 
     def wrap(fn):
         register_algorithm(**{role: fn, "module": fn.__module__, **kwargs})
@@ -398,9 +443,14 @@ def estimator_specs() -> dict[str, AlgorithmSpec]:
     return {n: s for n, s in discover().items() if s.advantage is not None}
 
 
+def selection_specs() -> dict[str, AlgorithmSpec]:
+    return {n: s for n, s in discover().items() if s.selection is not None}
+
+
 __all__ = [
     "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "Gathered", "LossInputs", "MINIBATCH_STATS",
     "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
     "batch_stats_hooks", "estimator_specs", "get", "load_options", "rollout_stats_spec", "loss_specs", "option", "option_defaults", "register_algorithm",
     "specs", "validate_options",
 ]
+__all__ += ["SelectionInputs", "selection_specs"]

@@ -68,6 +68,7 @@ FOOTER = """## `actor_rollout_ref.rollout.*`
 |---|---|---|
 | `<name>/*` (e.g. `hapo/stats/*`, `hapo/h_hat/*`, `forking/threshold`) | driver | the batch statistics of the active algorithm, once per step over the whole batch |
 | `<name>/*` (e.g. `hapo/estimator/fallback_group_frac`) | driver | the estimator's metrics |
+| `<name>/*` (e.g. `d3s/kept_token_fraction`) | driver | the selection step's metrics: its current keep ratios and the fractions of responses and tokens the update kept |
 | `actor/<name>/*` | actor workers | the loss's metrics (local means over each micro-batch, averaged by verl) |
 | `hapo/rollout/temperature_{min,mean,max}` | rollout | effective per-token sampling temperature T·f reported by the rollout: the CPU rollout only. vLLM has no per-token side channel, so vLLM runs do not log these; use `temperature_est_*` |
 | `hapo/rollout/temperature_est_{min,mean,max}` | driver | T·f recomputed per valid token from the old-policy entropy and the statistics this step's requests carried (`row_temperature_factor_from_entropy`), for any rollout, vLLM included; absent when no statistics were sent. Exact for T = 1 without penalties up to rollout-vs-actor numerics; for T ≠ 1 the actor's entropy is that of z/T, the processor's that of z |
@@ -134,6 +135,10 @@ def algorithm_table(registry) -> list[str]:
             needs |= set(spec.needs_of_loss(spec.loss_options()))
         if spec.sampling_options is not None:
             keys.append(f"`{spec.name}.*`")
+        if spec.selection is not None:
+            select.append(f"`algorithm.{spec.name}.enable=true` (beside any estimator and loss)")
+            keys.append(f"`algorithm.{spec.name}.*`")
+            needs |= set(spec.needs_of_selection(spec.selection_options(enable=True)))
         paper = spec.paper.split(" (")[0].replace("|", "\\|")
         rows.append(f"| {spec.title} | {', '.join(select)} | {', '.join(keys)} | {', '.join(sorted(needs)) or 'nothing'} "
                     f"| `conf/{spec.name}.yaml` | {paper} | {_docs_page(spec.name)} |")
@@ -157,6 +162,8 @@ def render() -> str:
             names.append(f"`algorithm.adv_estimator={spec.name}`")
         if spec.loss is not None:
             names.append(f"`{LOSS_KEY}.loss_mode={spec.name}`")
+        if spec.selection is not None:
+            names.append(f"`algorithm.{spec.name}.enable=true`")
         out.append(f"## {spec.title} ({', '.join(names)})\n")
         out.append(f"{spec.summary} {spec.paper}. Config: `hapo_verl/conf/{spec.name}.yaml`; code: "
                    f"`{spec.module.replace('.', '/')}.py`.\n")
@@ -175,6 +182,11 @@ def render() -> str:
             out.append(f"### `{LOSS_KEY}.*` with `loss_mode={spec.name}` (needs with the defaults: {needs}; "
                        f"{signature})\n")
             out += options_table(spec.loss_options, LOSS_KEY, registry) + [""]
+        if spec.selection_options is not None:
+            needs = ", ".join(sorted(spec.needs_of_selection(spec.selection_options(enable=True)))) or "nothing"
+            out.append(f"### `algorithm.{spec.name}.*`: the selection step, after any estimator and before any loss "
+                       f"(needs from the old policy with the defaults: {needs})\n")
+            out += options_table(spec.selection_options, f"algorithm.{spec.name}", registry) + [""]
         if spec.loss_requires_estimator:
             out.append(f"The loss needs `algorithm.adv_estimator={spec.name}`; the launcher refuses one without the "
                        "other.\n")

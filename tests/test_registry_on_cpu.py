@@ -24,14 +24,14 @@ def test_discovery_finds_every_algorithm_module():
     for name, spec in specs.items():
         assert spec.name == name
         assert spec.module == f"hapo_verl.algorithms.{name}", (name, spec.module)
-        assert spec.loss is not None or spec.advantage is not None
+        assert spec.loss is not None or spec.advantage is not None or spec.selection is not None
         assert (ROOT / "hapo_verl" / "conf" / f"{name}.yaml").is_file(), f"conf/{name}.yaml is missing"
 
 
 def test_every_option_has_help_and_a_valid_default():
     for spec in registry.specs():
         for cls, prefix in ((spec.loss_options, "policy_loss"), (spec.estimator_options, f"algorithm.{spec.name}"),
-                            (spec.sampling_options, spec.name)):
+                            (spec.sampling_options, spec.name), (spec.selection_options, f"algorithm.{spec.name}")):
             if cls is None:
                 continue
             for f in fields(cls):

@@ -11,7 +11,10 @@ One step, in verl's order, with what this class adds:
    driver, read them once for the whole batch (:func:`fetch_old_policy`) and run the specs' batch statistics.
 3. ``_compute_advantage``: the estimator runs through verl's registry with what its spec needs made available
    (:func:`hapo_verl.integration.estimator.estimator_inputs`); its metrics are logged.
-4. ``_update_actor``: the loss's batch statistics travel to the workers in the batch meta; the loss itself was
+4. ``_update_actor``: every enabled selection step (``algorithm.<name>.enable``, e.g. a down-sampling of samples
+   and tokens) marks the tokens the update uses, as ``response_mask`` for the update only
+   (:func:`hapo_verl.integration.selection.selected_for_update`); the loss's batch statistics travel to the
+   workers in the batch meta; the loss itself was
    installed in the workers at start-up with ``set_loss_fn`` (:class:`RegisteredLoss`, which also runs the
    mini-batch pass before each update mini-batch for a loss that needs it).
 5. ``_save_checkpoint`` / ``_load_checkpoint``: the rollout's entropy statistics are saved and restored.
@@ -23,7 +26,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from hapo_verl import registry
 from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor_from_entropy
 from hapo_verl.integration import estimator as estimator_glue
+from hapo_verl.integration import selection as selection_glue
 from hapo_verl.integration.loss import BATCH_STATS_FIELD, RegisteredLoss
 from hapo_verl.integration.options import active_estimator_spec, active_loss_spec, estimator_options, loss_options
 from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY, AdaptiveTemperatureRequest
@@ -53,6 +57,7 @@ class StepPlan:
     estimator_options: object
     sampling_spec: registry.AlgorithmSpec
     sampling: object  # the sampling spec's sampling_options: reference_compat, adaptive_temperature, temperature_tau
+    selections: list = field(default_factory=list)  # (spec, options) of the enabled selection steps
 
     @classmethod
     def from_config(cls, config) -> "StepPlan":
@@ -67,6 +72,7 @@ class StepPlan:
             estimator_options=None if estimator_spec is None else estimator_options(estimator_spec, config.algorithm),
             sampling_spec=sampler,
             sampling=registry.load_options(sampler.sampling_options, config.get(sampler.name, None), sampler.name),
+            selections=selection_glue.enabled_selections(config.algorithm),
         )
         plan.validate(config)
         return plan
@@ -101,7 +107,8 @@ class StepPlan:
 
     @property
     def needs_old_policy(self) -> bool:
-        driver = self.estimator_needs & {registry.OLD_LOG_PROB, registry.OLD_ENTROPY}
+        driver = (self.estimator_needs | selection_glue.selection_needs(self.selections)) & {
+            registry.OLD_LOG_PROB, registry.OLD_ENTROPY}
         return bool(driver or self.batch_stats_hooks())
 
 
@@ -221,6 +228,7 @@ class HAPOTrainerSync(PPOTrainerSync):
     def _compute_advantage(self, batch, metrics: dict):
         spec = self.plan.estimator_spec
         old, self._old_policy = self._old_policy or {}, None  # the step's last use of the old-policy tensors
+        self._selection_old_policy = old if self.plan.selections else None  # ... but for the selection steps
         if spec is None:
             return super()._compute_advantage(batch, metrics)
         estimator_glue.LAST_METRICS.clear()
@@ -239,7 +247,12 @@ class HAPOTrainerSync(PPOTrainerSync):
             if spec.name not in self.batch_stats:
                 raise RuntimeError(f"loss_mode={spec.name}: no batch statistics were computed for this step")
             batch.extra_info[BATCH_STATS_FIELD] = {spec.name: self.batch_stats[spec.name]}
-        return super()._update_actor(batch, metrics)
+        if not self.plan.selections:
+            return super()._update_actor(batch, metrics)
+        old, self._selection_old_policy = getattr(self, "_selection_old_policy", None), None
+        with selection_glue.selected_for_update(batch, self.plan.selections, old, self.global_steps,
+                                                self.total_training_steps, metrics):
+            return super()._update_actor(batch, metrics)
 
     # ---------------------------------------------------------------- 5. checkpoints
     def _save_checkpoint(self):
