@@ -231,6 +231,20 @@ def _minibatch_pass_statistics(spec, options, old, log_prob, adv, mask, entropy,
         return minibatch_statistics(spec, options, Engine(), data, batch_stats=batch_stats)
 
 
+def grouped_batch(prompts: int, n: int, length: int):
+    """The estimator sections' batch (seed 0): B = prompts·n rows of random lengths, 0/1 rewards at each response's
+    last token, and the rows of each prompt group shuffled over the batch (as after verl's balance_batch). Returns
+    (B, lengths, mask, token_level_rewards, index)."""
+    torch.manual_seed(0)
+    B = prompts * n
+    lengths = torch.randint(1, length + 1, (B,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    tlr = torch.zeros(B, length)
+    tlr[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,)).float()
+    index = np.array([f"uid-{i // n}" for i in torch.randperm(B).tolist()], dtype=object)
+    return B, lengths, mask, tlr, index
+
+
 def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
                               names: list[str] | None = None) -> dict:
     """Median seconds of verl's grpo_vectorized and of every registered estimator through verl's registry, measured
@@ -242,13 +256,7 @@ def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
     from hapo_verl import registry
     from hapo_verl.integration.estimator import estimator_inputs
 
-    torch.manual_seed(0)
-    B = prompts * n
-    lengths = torch.randint(1, length + 1, (B,))
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
-    tlr = torch.zeros(B, length)
-    tlr[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,)).float()
-    index = np.array([f"uid-{i // n}" for i in torch.randperm(B).tolist()], dtype=object)
+    B, lengths, mask, tlr, index = grouped_batch(prompts, n, length)
     entropy = torch.rand(B, length) * 3
     old_log_prob = -torch.rand(B, length) * 2
     grpo = get_adv_estimator_fn("grpo_vectorized")
@@ -284,13 +292,7 @@ def bench_registry_selections(prompts: int, n: int, length: int, repeats: int) -
     from hapo_verl import registry
     from hapo_verl.algorithms.groups import group_ids_from_index
 
-    torch.manual_seed(0)
-    B = prompts * n
-    lengths = torch.randint(1, length + 1, (B,))
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
-    tlr = torch.zeros(B, length)
-    tlr[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,)).float()
-    index = np.array([f"uid-{i // n}" for i in torch.randperm(B).tolist()], dtype=object)
+    B, lengths, mask, tlr, index = grouped_batch(prompts, n, length)
     entropy = torch.rand(B, length) * 3 * mask  # zero-padded, as the trainer's (verl's to_padded_tensor)
     old_log_prob = -torch.rand(B, length) * 2 * mask
     grpo = get_adv_estimator_fn("grpo_vectorized")

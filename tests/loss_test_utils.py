@@ -216,3 +216,17 @@ def minibatch_split_run(loss_mode, batch, split, current_entropy=None, dp_group=
         return loss.item(), lp.grad, metrics
 
     return run, loss_fn, engine
+
+
+#: overrides that let a GPU config pass the launcher's start-up checks without a model or a GPU (start-up tests)
+START_UP_OVERRIDES = [
+    "actor_rollout_ref.model.path=/nonexistent",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "data.train_batch_size=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    "trainer.n_gpus_per_node=1",
+    "actor_rollout_ref.rollout.n=2",
+]

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, two_step_run_metrics
 
 from hapo_verl import registry
 from hapo_verl.algorithms import d3s
@@ -396,17 +396,7 @@ def test_a_selection_spec_must_have_an_enable_switch():
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-BASE = [
-    "actor_rollout_ref.model.path=/nonexistent",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-    "actor_rollout_ref.rollout.name=vllm",
-    "actor_rollout_ref.actor.strategy=fsdp2",
-    "data.train_batch_size=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-    "trainer.n_gpus_per_node=1",
-    "actor_rollout_ref.rollout.n=2",
-]
+BASE = START_UP_OVERRIDES
 
 
 @pytest.mark.parametrize("key,value,match", [
