@@ -289,7 +289,7 @@ def registry_module():
 
 
 def loss_call(spec, options, batch: Batch, batch_stats=None, with_kl: bool = False, loss_agg_mode="token-mean",
-              info: dict | None = None):
+              info: dict | None = None, minibatch_stats=None):
     """``new -> (loss, metrics)``: the spec's loss as ``hapo_verl.integration.loss.run_loss`` calls it in the
     workers (verl's clip settings, aggregation over the global batch bound to ``info``, verl's KL estimator),
     without verl. ``info`` defaults to :meth:`Batch.global_batch_info` (computed here, once)."""
@@ -297,6 +297,9 @@ def loss_call(spec, options, batch: Batch, batch_stats=None, with_kl: bool = Fal
     needs = spec.needs_of_loss(options)
     entropy = batch.entropy if needs & {registry.OLD_ENTROPY, registry.CURRENT_ENTROPY} else None
     stats = batch_stats if registry.BATCH_STATS in needs else None
+    minibatch = None
+    if registry.MINIBATCH_STATS in needs:  # given (the meta check's), or computed as the pass does
+        minibatch = minibatch_stats if minibatch_stats is not None else minibatch_stats_of(spec, options, batch, stats)
     use_kl = with_kl and spec.loss_handles_kl
     info = batch.global_batch_info() if info is None else info
 
@@ -309,10 +312,26 @@ def loss_call(spec, options, batch: Batch, batch_stats=None, with_kl: bool = Fal
             loss_agg_mode=loss_agg_mode, aggregate=aggregate, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
             clip_ratio_c=CLIP_RATIO_C, entropy=entropy, batch_stats=stats, rollout_is_weights=None,
             ref_log_prob=batch.ref if use_kl else None, kl_coef=KL_COEF if use_kl else 0.0, kl_type=KL_TYPE,
-            kl=ref_kl_penalty)
+            kl=ref_kl_penalty, minibatch_stats=minibatch)
         return spec.loss(inputs, options)
 
     return call
+
+
+def minibatch_stats_of(spec, options, batch: Batch, batch_stats=None):
+    """The statistics the plugin's mini-batch pass hands a loss that needs them (``MINIBATCH_STATS``): the batch as
+    one mini-batch of one micro-batch, the current log-probs ``batch.new`` (``hapo_verl.integration.minibatch``,
+    pure torch), computed before the loss as the pass does."""
+    registry = registry_module()
+    from hapo_verl.integration.minibatch import combine, part_statistics
+
+    needs = spec.needs_of_loss(options)
+    part = registry.MiniBatchPart(
+        old_log_prob=batch.old, advantages=batch.adv, response_mask=batch.mask,
+        log_prob=batch.new if spec.minibatch_pass_runs_forward(options) else None,
+        entropy=batch.entropy if needs & {registry.OLD_ENTROPY, registry.CURRENT_ENTROPY} else None,
+        batch_stats=batch_stats)
+    return combine(spec, options, [part_statistics(spec, options, part)])
 
 
 def vanilla_call(batch: Batch, loss_agg_mode="token-mean", info: dict | None = None):
@@ -559,7 +578,10 @@ def _meta_check(spec, options, batch_cpu: Batch, stats, info: dict) -> dict:
     producing a CPU tensor: the CPU-side check that the loss creates no host tensor and reads nothing back."""
     meta = batch_cpu.to("meta")
     watch = HostWatch("meta")
-    call = loss_call(spec, options, meta, stats, with_kl=True, info=info)
+    minibatch = None  # the mini-batch pass's statistics come from data: computed on the CPU batch, then moved
+    if registry_module().MINIBATCH_STATS in spec.needs_of_loss(options):
+        minibatch = {k: v.to("meta") for k, v in minibatch_stats_of(spec, options, batch_cpu, stats).items()}
+    call = loss_call(spec, options, meta, stats, with_kl=True, info=info, minibatch_stats=minibatch)
     try:
         with watch:
             loss, metrics = call(meta.new)

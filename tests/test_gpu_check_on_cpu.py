@@ -246,9 +246,14 @@ def test_the_harness_calls_each_loss_as_the_plugin_does(name):
     new_a = batch.new.clone().requires_grad_(True)
     new_b = batch.new.clone().requires_grad_(True)
     ours, ours_m = gc.loss_call(spec, options, batch, stats, with_kl=True)(new_a)
+    # the worker hands a loss that needs them the mini-batch pass's statistics (its equality with the pass over
+    # micro-batches and ranks: tests/test_{bapo,stapo,kl_cov_global}_on_cpu.py)
+    minibatch = gc.minibatch_stats_of(spec, options, batch, stats) if registry.MINIBATCH_STATS in \
+        spec.needs_of_loss(options) else None
     theirs, theirs_m = run_loss(spec, options, old_log_prob=batch.old, log_prob=new_b, advantages=batch.adv,
                                 response_mask=batch.mask, loss_agg_mode="token-mean", config=config,
-                                entropy=batch.entropy, batch_stats=stats, ref_log_prob=batch.ref)
+                                entropy=batch.entropy, batch_stats=stats, ref_log_prob=batch.ref,
+                                minibatch_stats=minibatch)
     ours.backward()
     theirs.backward()
     assert torch.equal(ours, theirs) and torch.equal(new_a.grad, new_b.grad)

@@ -62,20 +62,47 @@ def _combine_parts(parts: list[Mapping]) -> tuple[dict[str, torch.Tensor], dict[
     return sums, gathered
 
 
+def part_statistics(spec: registry.AlgorithmSpec, options, part: registry.MiniBatchPart) -> dict:
+    """The spec's statistics of one micro-batch, plus the glue's count of its valid tokens (:data:`TOKENS`)."""
+    stats = dict(spec.minibatch_stats(part, options))
+    stats[TOKENS] = part.response_mask.sum().to(torch.float64)
+    return stats
+
+
+def combine(spec: registry.AlgorithmSpec, options, parts: list[Mapping], dp_group=None) -> dict:
+    """The statistics of a whole mini-batch from its micro-batches' :func:`part_statistics`: sums all-reduced and
+    :class:`registry.Gathered` values all-gathered over ``dp_group`` (None: one process), then
+    ``minibatch_finalize`` (or the totals), plus :data:`TOKENS`. Pure torch: the GPU check calls it too."""
+    if not parts:
+        raise RuntimeError(f"loss_mode={spec.name}: the mini-batch pass saw no micro-batch")
+    totals, gathered = _combine_parts(parts)
+    names = list(totals)
+    # one collective for every sum
+    flat = dp_all_reduce(dp_group)(torch.cat([totals[k].reshape(-1).to(torch.float64) for k in names]))
+    offset = 0
+    for k in names:
+        size = totals[k].numel()
+        totals[k] = flat[offset:offset + size].reshape(totals[k].shape)
+        offset += size
+    for k, values in gathered.items():
+        totals[k] = dp_all_gather(dp_group)(values)
+    tokens = totals.pop(TOKENS)
+    result = dict(spec.minibatch_finalize(totals, options)) if spec.minibatch_finalize is not None else totals
+    result[TOKENS] = tokens
+    return result
+
+
 def minibatch_statistics(spec: registry.AlgorithmSpec, options, engine, data, batch_stats=None,
                          old_entropy_field: str = "entropy") -> dict:
     """Run the pass over one update mini-batch ``data`` (verl's TensorDict, as ``BaseEngine.train_batch`` gets it)
-    with ``engine``'s forward-only loop; returns ``minibatch_finalize(totals)`` (or the totals) plus :data:`TOKENS`.
-    Sums are all-reduced and :class:`registry.Gathered` values all-gathered over the engine's data-parallel
+    with ``engine``'s forward-only loop, and :func:`combine` the micro-batches over the engine's data-parallel
     group."""
     needs = spec.needs_of_loss(options)
     parts: list[dict] = []
 
     def collect(model_output, data, dp_group=None):
         part = _part(spec, needs, data, model_output, batch_stats, old_entropy_field)
-        stats = dict(spec.minibatch_stats(part, options))
-        stats[TOKENS] = part.response_mask.sum().to(torch.float64)
-        parts.append(stats)
+        parts.append(part_statistics(spec, options, part))
         return torch.zeros((), device=part.response_mask.device), {}
 
     if spec.minibatch_pass_runs_forward(options):
@@ -87,21 +114,4 @@ def minibatch_statistics(spec: registry.AlgorithmSpec, options, engine, data, ba
         engine.forward_backward_batch(copy, collect, forward_only=True)
     else:
         collect(None, data)
-    if not parts:
-        raise RuntimeError(f"loss_mode={spec.name}: the mini-batch pass saw no micro-batch")
-    group = engine.get_data_parallel_group()
-    totals, gathered = _combine_parts(parts)
-    names = list(totals)
-    # one collective for every sum
-    flat = dp_all_reduce(group)(torch.cat([totals[k].reshape(-1).to(torch.float64) for k in names]))
-    offset = 0
-    for k in names:
-        size = totals[k].numel()
-        totals[k] = flat[offset:offset + size].reshape(totals[k].shape)
-        offset += size
-    for k, values in gathered.items():
-        totals[k] = dp_all_gather(group)(values)
-    tokens = totals.pop(TOKENS)
-    result = dict(spec.minibatch_finalize(totals, options)) if spec.minibatch_finalize is not None else totals
-    result[TOKENS] = tokens
-    return result
+    return combine(spec, options, parts, engine.get_data_parallel_group())
