@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, two_step_run_metrics
 
 from hapo_verl.algorithms.grpo_s import grpo_s_shaped_rewards, response_mean_entropy
 from hapo_verl.algorithms.gtpo import gtpo_advantage
@@ -186,7 +186,7 @@ def test_gtpo_grouped_path_equals_the_loop_and_the_general_path(seed, layout, mo
     def no_scatter(*args, **kwargs):
         raise AssertionError("equal-size groups took the scatter path")
 
-    monkeypatch.setattr(gtpo, "_cell_sums_scatter", no_scatter)
+    monkeypatch.setattr(gtpo, "_factors_scatter", no_scatter)
     for block_rows in (None, 1, 2 * size + 1):  # one block; one group per block; blocks of two groups
         got, stats = gtpo_advantage(scores, mask, entropy, groups, block_rows=block_rows, **kw)
         torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=2e-4)
@@ -195,6 +195,62 @@ def test_gtpo_grouped_path_equals_the_loop_and_the_general_path(seed, layout, mo
         for key in stats:
             assert stats[key] == pytest.approx(general_stats[key], rel=1e-6, abs=1e-9), key
         assert (got[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gtpo_cache_sized_chunks_do_not_change_the_result(seed, monkeypatch):
+    """The passes and the float64 cell arithmetic run over chunks of BLOCK_ELEMENTS: chunks of one cell or one group
+    (several chunks even on these small batches) give the advantages of one chunk, and both agree with the loop."""
+    import hapo_verl.algorithms.gtpo as gtpo
+
+    size = [2, 3, 4, 8, 16, 5][seed]
+    for scores, mask, entropy, groups in (random_batch(seed), equal_size_batch(seed, size, "interleaved")):
+        gid = torch.as_tensor(groups)
+        expected = gtpo_loop(scores, mask, entropy, gid.tolist())
+        for grouped in (True, False):
+            whole, whole_stats = gtpo_advantage(scores, mask, entropy, gid, grouped=grouped)
+            with monkeypatch.context() as m:
+                m.setattr(gtpo, "BLOCK_ELEMENTS", 1)  # one row (one group) per block, one cell per chunk
+                chunked, chunked_stats = gtpo_advantage(scores, mask, entropy, gid, grouped=grouped)
+            torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(chunked.double(), expected, rtol=2e-4, atol=2e-4)
+            for key in whole_stats:
+                assert chunked_stats[key] == pytest.approx(whole_stats[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_gtpo_blocks_on_python_threads_equal_one_thread(grouped, monkeypatch):
+    """With several torch threads the blocks run on Python threads (single-threaded ops): the same advantages, bit
+    for bit, as one thread; under the caller's inference mode too; the caller's torch thread count comes back."""
+    import hapo_verl.algorithms.gtpo as gtpo
+
+    monkeypatch.setattr(gtpo, "BLOCK_ELEMENTS", 64 * 16)  # 16 rows of 64 tokens per block: many blocks
+    g = torch.Generator().manual_seed(0)
+    rows, length = 16 * 24, 64
+    scores = torch.randint(0, 2, (rows,), generator=g).float()
+    mask = (torch.arange(length)[None, :] < torch.randint(0, length + 1, (rows, 1), generator=g)).float()
+    entropy = torch.rand(rows, length, generator=g) * 3
+    groups = torch.randperm(rows, generator=g) % 24
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial, serial_stats = gtpo_advantage(scores, mask, entropy, groups, grouped=grouped)
+        torch.set_num_threads(3)
+        threaded, threaded_stats = gtpo_advantage(scores, mask, entropy, groups, grouped=grouped)
+        assert torch.get_num_threads() == 3
+        with torch.inference_mode():  # per-thread mode: the workers write into the caller's inference tensors
+            inference, _ = gtpo_advantage(scores, mask, entropy, groups, grouped=grouped)
+        assert inference.is_inference() and torch.get_num_threads() == 3
+        monkeypatch.setattr(gtpo, "BLOCK_THREADS", 2)
+        torch.set_num_threads(5)  # 2 Python threads with 2 torch threads each
+        shared, _ = gtpo_advantage(scores, mask, entropy, groups, grouped=grouped)
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(threaded, serial) and torch.equal(inference, serial) and threaded_stats == serial_stats
+    assert torch.equal(shared, serial)
+    expected = gtpo_loop(scores, mask, entropy, groups.tolist())
+    torch.testing.assert_close(threaded.double(), expected, rtol=2e-4, atol=2e-4)
 
 
 def test_gtpo_grouped_path_on_degenerate_inputs(monkeypatch):
@@ -215,7 +271,7 @@ def test_gtpo_grouped_path_on_degenerate_inputs(monkeypatch):
             gid = torch.tensor(groups)
             general, _ = gtpo_advantage(scores, mask, entropy, gid, grouped=False)
             with monkeypatch.context() as m:
-                m.setattr(gtpo, "_cell_sums_scatter", None)  # the grouped path must not need it
+                m.setattr(gtpo, "_factors_scatter", None)  # the grouped path must not need it
                 got, _ = gtpo_advantage(scores, mask, entropy, gid)
             assert torch.isfinite(got).all() and (got[mask == 0] == 0).all(), case
             # (not against the loop: with zero entropy, 1/ε = 1e6 makes float32 rounding visible; the general path
@@ -358,17 +414,7 @@ def test_estimators_need_the_old_entropy_from_the_trainer_and_report_metrics(nam
 
 
 # ------------------------------------------------------------------------------------------------ configuration
-BASE = [
-    "actor_rollout_ref.model.path=/nonexistent",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-    "actor_rollout_ref.rollout.name=vllm",
-    "actor_rollout_ref.actor.strategy=fsdp2",
-    "data.train_batch_size=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-    "trainer.n_gpus_per_node=1",
-    "actor_rollout_ref.rollout.n=2",
-]
+BASE = START_UP_OVERRIDES
 
 
 @pytest.mark.parametrize("config,key,value,match", [
