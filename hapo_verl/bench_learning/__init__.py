@@ -45,12 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", type=int, default=None, help="reversed addition's operand digits (default 3)")
     p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 500, quick 100)")
     p.add_argument("--target-acc", type=float, default=None,
-                   help="warm-up stops at this check accuracy (default: the task's, addition 0.15)")
-    p.add_argument("--lr", type=float, default=None, help="RL learning rate (default: the task's, addition 1e-4)")
+                   help="warm-up stops at this check accuracy (default: the task's, addition 0.15, countdown 0.3)")
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate (default: the task's, 1e-4)")
     p.add_argument("--prompts", type=int, default=None,
-                   help="prompts per RL step, n=8 samples each (default: the task's, addition 16)")
+                   help="prompts per RL step, n=8 samples each (default: the task's, 16)")
     p.add_argument("--mini-batches", type=int, default=None,
-                   help="PPO mini-batches per step (default: the task's, addition 2)")
+                   help="PPO mini-batches per step (default: the task's, 2)")
     p.add_argument("--epochs", type=int, default=None,
                    help="PPO epochs per step (default: the task's, addition 1, countdown 2)")
     p.add_argument("--task-report", action="store_true",
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 BASE_DEFAULTS = {"target_acc": 0.15, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 1, "steps": 800,
                  "eval_every": 40, "warmup_max_steps": 3000}
 #: Countdown, measured with ``--task-report`` and short GRPO runs (docs/learning_benchmark.md): two epochs so that
-#: vanilla PPO clips about 1% of the tokens at the start; a step costs about 3 CPU s, so 60 steps a run
+#: vanilla PPO clips about 1% of the tokens at the start; a step costs about 3-4 CPU s, so 60 steps a run
 TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 2,
                                "steps": 60, "eval_every": 10, "warmup_max_steps": 1500}}
 
@@ -106,9 +106,8 @@ def _settings(args):
     steps = args.steps or (6 if q else d["steps"])
     pick = lambda value, key: d[key] if value is None else value  # noqa: E731
     rl = RLConfig(steps=steps, lr=pick(args.lr, "lr"), prompts_per_step=pick(args.prompts, "prompts"),
-                  ppo_mini_batches=pick(args.mini_batches, "mini_batches"),
-                  ppo_epochs=pick(args.epochs, "epochs"), eval_every=args.eval_every or (3 if q else d["eval_every"]),
-                  threads=args.threads)
+                  ppo_mini_batches=pick(args.mini_batches, "mini_batches"), ppo_epochs=pick(args.epochs, "epochs"),
+                  eval_every=args.eval_every or (3 if q else d["eval_every"]), threads=args.threads)
     warm = WarmupSettings(target_accuracy=pick(args.target_acc, "target_acc"),
                           max_steps=30 if q else d["warmup_max_steps"])
     seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
