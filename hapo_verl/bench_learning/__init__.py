@@ -34,17 +34,37 @@ def _parser() -> argparse.ArgumentParser:
                         "--quick: grpo dapo hapo hapo_ref)")
     p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS))
     p.add_argument("--verl-seeds", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, default=None, help="fast-mode RL steps (default 800, quick 6)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fast-mode RL steps (default: the task's, addition 800, countdown 60; quick 6)")
     p.add_argument("--verl-steps", type=int, default=None, help="verl-mode RL steps (default 40, quick 2)")
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--task", choices=["add", "addvar"], default="addvar")
-    p.add_argument("--digits", type=int, default=3)
+    from hapo_verl.tinyworld.tasks import TASK_NAMES
+
+    p.add_argument("--task", choices=TASK_NAMES, default="addvar",
+                   help="addvar/add: reversed addition (kinds); countdown: Countdown puzzles, multi-line responses")
+    p.add_argument("--digits", type=int, default=None, help="reversed addition's operand digits (default 3)")
     p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 500, quick 100)")
-    p.add_argument("--target-acc", type=float, default=0.15, help="warm-up stops at this check accuracy")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--target-acc", type=float, default=None,
+                   help="warm-up stops at this check accuracy (default: the task's, addition 0.15, countdown 0.3)")
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate (default: the task's, 1e-4)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="prompts per RL step, n=8 samples each (default: the task's, 16)")
+    p.add_argument("--mini-batches", type=int, default=None,
+                   help="PPO mini-batches per step (default: the task's, 2)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="PPO epochs per step (default: the task's, addition 1, countdown 2)")
+    p.add_argument("--task-report", action="store_true",
+                   help="only measure the task on each seed's warm-up checkpoint (response length, accuracy, token "
+                        "entropy distribution, vanilla PPO clip fraction per --calibrate setting); writes "
+                        "OUT/task_report_<task>.{json,md}")
+    p.add_argument("--calibrate", nargs="+", default=None, metavar="LR:MINI:EPOCHS",
+                   help="--task-report: vanilla PPO settings to measure (default 1e-4:2:1 1e-4:2:2 1e-4:4:2)")
+    p.add_argument("--calibrate-steps", type=int, default=8, help="--task-report: RL steps per setting")
     p.add_argument("--jobs", type=int, default=2, help="fast-mode runs in parallel (processes, 1 thread each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--out", default=os.path.abspath("runs/bench_learning"), help="run records")
+    p.add_argument("--out", default=None,
+                   help="run records (default runs/bench_learning, for a task other than addvar "
+                        "runs/bench_learning_<task>)")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/hapo_verl/bench_learning"),
                    help="warm-up checkpoints (one per task and seed)")
     p.add_argument("--report", default=None,
@@ -59,16 +79,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the benchmark's settings on reversed addition; ``TASK_DEFAULTS`` holds where another task differs
+BASE_DEFAULTS = {"target_acc": 0.15, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 1, "steps": 800,
+                 "eval_every": 40, "warmup_max_steps": 3000}
+#: Countdown, measured with ``--task-report`` and short GRPO runs (docs/learning_benchmark.md): two epochs so that
+#: vanilla PPO clips about 1% of the tokens at the start; a step costs about 3-4 CPU s, so 60 steps a run
+TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 2,
+                               "steps": 60, "eval_every": 10, "warmup_max_steps": 1500}}
+
+
+def task_defaults(task_name: str) -> dict:
+    return {**BASE_DEFAULTS, **TASK_DEFAULTS.get(task_name, {})}
+
+
 def _settings(args):
     from hapo_verl.bench_learning.fast import RLConfig
     from hapo_verl.bench_learning.warmup import WarmupSettings
-    from hapo_verl.tinyworld.reversed_addition import TaskConfig
+    from hapo_verl.tinyworld.tasks import make_task
 
     q = args.quick
-    task = TaskConfig(kind=args.task, digits=args.digits, num_heldout=args.heldout or (100 if q else 500))
-    steps = args.steps or (6 if q else 800)
-    rl = RLConfig(steps=steps, lr=args.lr, eval_every=args.eval_every or (3 if q else 40), threads=args.threads)
-    warm = WarmupSettings(target_accuracy=args.target_acc, max_steps=30 if q else 3000)
+    d = task_defaults(args.task)
+    options = {"num_heldout": args.heldout or (100 if q else 500)}
+    if args.task in ("add", "addvar"):
+        options["digits"] = 3 if args.digits is None else args.digits
+    task = make_task(args.task, **options)
+    steps = args.steps or (6 if q else d["steps"])
+    pick = lambda value, key: d[key] if value is None else value  # noqa: E731
+    rl = RLConfig(steps=steps, lr=pick(args.lr, "lr"), prompts_per_step=pick(args.prompts, "prompts"),
+                  ppo_mini_batches=pick(args.mini_batches, "mini_batches"), ppo_epochs=pick(args.epochs, "epochs"),
+                  eval_every=args.eval_every or (3 if q else d["eval_every"]), threads=args.threads)
+    warm = WarmupSettings(target_accuracy=pick(args.target_acc, "target_acc"),
+                          max_steps=30 if q else d["warmup_max_steps"])
     seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
     from hapo_verl.bench_learning.fast import METHOD_NAMES
 
@@ -109,6 +150,11 @@ DOCS_REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
                            "docs", "results.md")
 
 
+def default_out(task_name: str) -> str:
+    """Records of reversed addition (the default task) in runs/bench_learning, of another task beside it."""
+    return os.path.abspath("runs/bench_learning" + ("" if task_name == "addvar" else f"_{task_name}"))
+
+
 def report_path(args, parser) -> str:
     """Where the report goes: OUT/results.md by default; the committed docs/results.md only when asked for."""
     if args.update_docs:
@@ -117,16 +163,41 @@ def report_path(args, parser) -> str:
         if not os.path.isfile(DOCS_REPORT):
             parser.error(f"--update-docs regenerates a checkout's docs/results.md; there is none at {DOCS_REPORT}")
         return DOCS_REPORT
-    report = os.path.abspath(args.report or os.path.join(args.out, "results.md"))
+    report = os.path.abspath(args.report or os.path.join(args.out or default_out(args.task), "results.md"))
     if os.path.basename(report) == "results.md" and os.path.basename(os.path.dirname(report)) == "docs":
         parser.error(f"--report {args.report} would overwrite a committed report: add --update-docs to regenerate "
                      "it, or write elsewhere (default OUT/results.md)")
     return report
 
 
+def _task_report(args, task, rl, warmups: dict) -> int:
+    """``--task-report``: measure each seed's checkpoint one after the other (see :mod:`.task_report`)."""
+    from hapo_verl.bench_learning import task_report
+
+    candidates = ([task_report.Candidate.parse(c) for c in args.calibrate] if args.calibrate
+                  else task_report.DEFAULT_CANDIDATES)
+    reports = []
+    for seed, (model_dir, outcome) in sorted(warmups.items()):
+        rep = task_report.measure(model_dir, task, seed, rl, candidates, rl_steps=args.calibrate_steps)
+        rep["warmup"] = {k: outcome[k] for k in ("steps", "seconds", "check_accuracy", "reached_target")}
+        reports.append(rep)
+    base = os.path.join(args.out, f"task_report_{args.task}")
+    os.makedirs(args.out, exist_ok=True)
+    task_report.write(base + ".json", reports)
+    text = task_report.markdown(reports)
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+    print(f"[bench] task report {base}.json / .md", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.out = args.out or default_out(args.task)
+    if args.digits is not None and args.task not in ("add", "addvar"):
+        parser.error(f"--digits is a reversed-addition option; --task {args.task} has none")
     args.report = report_path(args, parser)
     task, rl, warm, seeds, methods, verl_methods, verl_seeds, verl_steps = _settings(args)
     fast_dir, verl_dir = os.path.join(args.out, "fast"), os.path.join(args.out, "verl")
@@ -143,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 warmups = {s: f.result() for s, f in futs.items()}
         else:
             warmups = {s: _warm_job(args.cache, task, s, warm, args.threads) for s in need_seeds}
+        if args.task_report:
+            return _task_report(args, task, rl, {s: warmups[s] for s in seeds})
 
         if args.engine in ("fast", "both"):
             todo = []
@@ -151,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     path = os.path.join(fast_dir, f"{method}_s{seed}.json")
                     if os.path.exists(path) and not args.force:
                         with open(path) as f:
-                            if json.load(f)["rl"]["steps"] == rl.steps:
+                            done = json.load(f)
+                            if done["rl"]["steps"] == rl.steps and done.get("task") == task.to_dict():
                                 print(f"[bench] {method} s{seed}: record exists, skipped", flush=True)
                                 continue
                     todo.append((warmups[seed][0], task, method, seed, rl, path))
@@ -167,16 +241,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.engine in ("verl", "both"):
             from hapo_verl.bench_learning.verl_mode import run_verl
-            from hapo_verl.tinyworld.reversed_addition import ProblemSampler, heldout_problems, rl_rows
+            from hapo_verl.tinyworld.tasks import family
+
+            tasks = family(task)
 
             os.makedirs(verl_dir, exist_ok=True)
             for seed in verl_seeds:
                 n_train = (verl_steps + 2) * rl.prompts_per_step * rl.max_gen_batches
                 data_dir = os.path.join(args.out, "data", f"seed{seed}")
                 train = _write_parquet(os.path.join(data_dir, "train.parquet"),
-                                       rl_rows(task, ProblemSampler(task, seed).sample(n_train), "train"))
+                                       tasks.rl_rows(task, tasks.ProblemSampler(task, seed).sample(n_train), "train"))
                 val = _write_parquet(os.path.join(data_dir, "heldout.parquet"),
-                                     rl_rows(task, heldout_problems(task), "heldout"))
+                                     tasks.rl_rows(task, tasks.heldout_problems(task), "heldout"))
                 for method in verl_methods:
                     record_path = os.path.join(verl_dir, f"{method}_s{seed}.json")
                     if os.path.exists(record_path) and not args.force:
@@ -212,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         "(method and set-up: [learning_benchmark.md](learning_benchmark.md)).",
         "",
         f"- Grid status: {status}.",
-        f"- Task: {task.kind}, {task.digits} digits, reversed answer, {task.num_heldout} held-out prompts (greedy), "
-        f"max {task.max_new_tokens} new tokens, DAPO overlong buffer {task.overlong_buffer}.",
+        f"- Task: {task.describe()}.",
         f"- RL: {rl.steps} steps × {rl.prompts_per_step} prompts × n={rl.n}, lr {rl.lr}, {rl.ppo_mini_batches} "
-        f"mini-batches per step, micro-batch {rl.micro_batch_size}, eval every {rl.eval_every} steps; seeds {seeds}.",
+        f"mini-batches per step{'' if rl.ppo_epochs == 1 else f' × {rl.ppo_epochs} epochs'}, micro-batch "
+        f"{rl.micro_batch_size}, eval every {rl.eval_every} steps; seeds {seeds}.",
         f"- Warm-up: SFT until greedy check accuracy ≥ {warm.target_accuracy} (cap {warm.max_steps} steps), one "
         "checkpoint per seed shared by every method and by the verl runs.",
     ])

@@ -11,15 +11,18 @@ Per RL step (one method, one seed):
    generation batches (at most ``max_gen_batches``), as verl's ``algorithm.filter_groups``;
 4. the batch statistics of the method's algorithm (its spec's hook, over the whole batch, as the trainer), and
    advantages through verl's estimator registry (``get_adv_estimator_fn``) with what the estimator's spec needs;
-5. ``ppo_mini_batches`` optimizer steps (AdamW, grad clip 1.0) with verl's ``compute_policy_loss_vanilla``
-   (``get_policy_loss_fn("vanilla")``) or any registered loss (:func:`hapo_verl.compute_policy_loss`); aggregation
-   as verl's global batch (the loss of every micro-batch is weighted by its share of the mini-batch, as
-   ``global_batch_info``).
+5. ``ppo_epochs`` x ``ppo_mini_batches`` optimizer steps (AdamW, grad clip 1.0) with verl's
+   ``compute_policy_loss_vanilla`` (``get_policy_loss_fn("vanilla")``) or any registered loss
+   (:func:`hapo_verl.compute_policy_loss`); aggregation as verl's global batch (the loss of every micro-batch is
+   weighted by its share of the mini-batch, as ``global_batch_info``).
 
 The methods are verl's GRPO and DAPO plus one per registered algorithm (:func:`registered_methods`), and a
 ``<name>_ref`` variant for an algorithm whose sampling options have a ``reference_compat`` switch.
 
 Every ``eval_every`` steps: greedy accuracy on the fixed held-out prompts.
+
+The task is any family of :mod:`hapo_verl.tinyworld.tasks` (reversed addition, Countdown): problems are opaque
+here, the family's ``Codec`` encodes their prompts and scores the responses.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
-from hapo_verl.tinyworld.reversed_addition import Codec, ProblemSampler, TaskConfig, answer_text, heldout_problems
+from hapo_verl.tinyworld.tasks import family
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -95,6 +98,8 @@ class RLConfig:
     grad_clip: float = 1.0
     temperature: float = 1.0
     ppo_mini_batches: int = 2
+    #: passes over the batch's mini-batches (verl's ``actor.ppo_epochs``, same order every pass)
+    ppo_epochs: int = 1
     micro_batch_size: int = 32
     max_gen_batches: int = 8
     eval_every: int = 50
@@ -149,25 +154,23 @@ def generate(model, prompt_ids: torch.Tensor, max_new: int, eos: int, pad: int, 
             "entropy": torch.stack(ents, 1) * mask}
 
 
-def score_responses(codec: Codec, tokens: torch.Tensor, mask: torch.Tensor, answers: list[str]) -> list[float]:
-    out = []
-    for row, ans in zip(range(tokens.shape[0]), answers):
-        ids = tokens[row][mask[row].bool()].tolist()
-        out.append(1.0 if codec.decode(ids).strip() == ans else 0.0)
-    return out
+def score_responses(codec, tokens: torch.Tensor, mask: torch.Tensor, problems) -> list[float]:
+    """The task reward of each response (its tokens up to and including eos, decoded without special tokens)."""
+    return [codec.score(problem, codec.decode(tokens[row][mask[row].bool()].tolist()))
+            for row, problem in enumerate(problems)]
 
 
-def prompt_tensor(codec: Codec, problems) -> torch.Tensor:
-    return torch.tensor([codec.prompt_ids(a, b) for a, b in problems], dtype=torch.long)
+def prompt_tensor(codec, problems) -> torch.Tensor:
+    return torch.tensor([codec.encode_prompt(p) for p in problems], dtype=torch.long)
 
 
-def greedy_accuracy(model, codec: Codec, problems, batch_size: int = 500) -> float:
+def greedy_accuracy(model, codec, problems, batch_size: int = 500) -> float:
     correct = 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         out = generate(model, prompt_tensor(codec, chunk), codec.task.max_new_tokens, codec.eos, codec.pad,
                        greedy=True)
-        correct += sum(score_responses(codec, out["tokens"], out["mask"], [answer_text(a, b) for a, b in chunk]))
+        correct += sum(score_responses(codec, out["tokens"], out["mask"], chunk))
     return correct / max(1, len(problems))
 
 
@@ -206,14 +209,14 @@ def actor_config(method: MethodConfig, rl: RLConfig):
 
 
 class FastRun:
-    def __init__(self, model, codec: Codec, method: MethodConfig, rl: RLConfig, seed: int):
+    def __init__(self, model, codec, method: MethodConfig, rl: RLConfig, seed: int):
         import hapo_verl.registration  # noqa: F401  (registers the hapo estimator / loss names in verl)
         from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
         hapo_verl.registration.ensure_registered()
         self.model, self.codec, self.method, self.rl, self.seed = model, codec, method, rl, seed
         self.task = codec.task
-        self.sampler = ProblemSampler(self.task, seed)
+        self.sampler = family(self.task).ProblemSampler(self.task, seed)
         self.gen = torch.Generator().manual_seed(seed * 1000 + 1)
         from hapo_verl import registry
         from hapo_verl.integration.options import loss_options
@@ -260,8 +263,7 @@ class FastRun:
                        self.codec.pad, temperature=rl.temperature, factor_fn=self._factor_fn(),
                        generator=self.gen)
         out["prompts"] = prompt_tensor(self.codec, rows)
-        out["score"] = torch.tensor(score_responses(self.codec, out["tokens"], out["mask"],
-                                                    [answer_text(a, b) for a, b in rows]))
+        out["score"] = torch.tensor(score_responses(self.codec, out["tokens"], out["mask"], rows))
         out["uid"] = uids
         return out
 
@@ -354,7 +356,8 @@ class FastRun:
         B = batch["mask"].shape[0]
         n_mini = max(1, min(rl.ppo_mini_batches, B // rl.n))
         group_order = torch.arange(B)  # verl keeps the batch order (shuffle off): groups stay together
-        mini_rows = torch.tensor_split(group_order, n_mini)
+        mini_rows = torch.tensor_split(group_order, n_mini) * rl.ppo_epochs
+        n_updates = len(mini_rows)
         metrics = {"pg_clipfrac": 0.0, "pg_loss": 0.0, "grad_norm": 0.0}
         self.model.train()
         for rows in mini_rows:
@@ -387,9 +390,9 @@ class FastRun:
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
             self.opt.step()
-            metrics["pg_clipfrac"] += clipfrac / n_mini
-            metrics["pg_loss"] += float(loss.detach()) / n_mini
-            metrics["grad_norm"] += float(gn) / n_mini
+            metrics["pg_clipfrac"] += clipfrac / n_updates
+            metrics["pg_loss"] += float(loss.detach()) / n_updates
+            metrics["grad_norm"] += float(gn) / n_updates
         return metrics
 
     def batch_stats(self, batch: dict) -> dict:
@@ -432,7 +435,7 @@ class FastRun:
         return metrics
 
 
-def run_fast(model_dir: str, task: TaskConfig, method_name: str, seed: int, rl: RLConfig, out_path: str | None = None,
+def run_fast(model_dir: str, task, method_name: str, seed: int, rl: RLConfig, out_path: str | None = None,
              log=print) -> dict:
     """One RL run from the warmed-up checkpoint ``model_dir``; returns (and writes) the run record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -441,10 +444,10 @@ def run_fast(model_dir: str, task: TaskConfig, method_name: str, seed: int, rl: 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    codec = Codec(tokenizer, task)
+    codec = family(task).Codec(tokenizer, task)
     method = METHODS[method_name]
     run = FastRun(model, codec, method, rl, seed)
-    heldout = heldout_problems(task)
+    heldout = family(task).heldout_problems(task)
     evals, history = [], []
     start = time.time()
     evals.append({"step": 0, "acc": greedy_accuracy(model, codec, heldout), "time": 0.0})

@@ -4,8 +4,8 @@ Each run is a subprocess ``python -m hapo_verl.bench_learning.verl_mode ...`` (v
 once per process and starts its own Ray cluster), which composes ``hapo_verl/conf/{hapo,dapo}.yaml`` with
 :func:`hapo_verl.launcher.compose` and runs :func:`hapo_verl.launcher.run`, like ``hapo-verl tiny``, but on the
 benchmark's warmed-up checkpoint (the same start as the fast mode), its parquet files (training prompts in the
-fast mode's order, ``data.shuffle=False``; the held-out prompts as validation set) and its reward function
-(:func:`hapo_verl.tinyworld.reversed_addition.compute_score`).
+fast mode's order, ``data.shuffle=False``; the held-out prompts as validation set) and its task's reward function
+(``compute_score`` of the task family, e.g. :func:`hapo_verl.tinyworld.countdown.compute_score`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from hapo_verl.tinyworld.reversed_addition import TaskConfig
+from hapo_verl.tinyworld.tasks import family
 
 #: per method: the packaged config and the overrides that turn it into the benchmark's configuration
 def _registered_verl_methods() -> dict[str, tuple[str, list[str]]]:
@@ -45,7 +45,7 @@ VERL_METHODS = {
 }
 
 
-def verl_overrides(method: str, task: TaskConfig, model_dir: str, train_file: str, val_file: str, steps: int,
+def verl_overrides(method: str, task, model_dir: str, train_file: str, val_file: str, steps: int,
                    run_dir: str, rl, test_freq: int) -> tuple[str, list[str]]:
     from hapo_verl.cpu import cpu_overrides
 
@@ -58,7 +58,7 @@ def verl_overrides(method: str, task: TaskConfig, model_dir: str, train_file: st
         f"data.max_prompt_length={task.prompt_len + 8}",
         f"data.max_response_length={task.max_new_tokens}",
         "data.shuffle=False",
-        "reward.custom_reward_function.path=pkg://hapo_verl.tinyworld.reversed_addition",
+        f"reward.custom_reward_function.path=pkg://{family(task).__name__}",
         "reward.custom_reward_function.name=compute_score",
         f"data.train_batch_size={prompts}",
         "data.val_batch_size=500",
@@ -66,6 +66,7 @@ def verl_overrides(method: str, task: TaskConfig, model_dir: str, train_file: st
         f"actor_rollout_ref.rollout.temperature={rl.temperature}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={max(1, prompts // rl.ppo_mini_batches)}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={rl.micro_batch_size}",
+        f"actor_rollout_ref.actor.ppo_epochs={rl.ppo_epochs}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts * rl.n}",
         f"actor_rollout_ref.actor.optim.lr={rl.lr}",
         f"actor_rollout_ref.actor.optim.weight_decay={rl.weight_decay}",
@@ -98,7 +99,7 @@ def _child(argv: list[str]) -> int:
     return 0
 
 
-def run_verl(method: str, seed: int, task: TaskConfig, model_dir: str, train_file: str, val_file: str,
+def run_verl(method: str, seed: int, task, model_dir: str, train_file: str, val_file: str,
              steps: int, out_dir: str, rl, test_freq: int | None = None, log=print, timeout: float = 3600) -> dict:
     """Run one method through verl's trainer; returns the record (also written to ``out_dir/{method}_s{seed}.json``)."""
     from hapo_verl.cpu import cpu_env

@@ -1,8 +1,9 @@
 """Supervised warm-up: one cached checkpoint per (task, seed), shared by every method and both engines.
 
-From a seeded random init (the tiny world's model, :func:`hapo_verl.tinyworld.world.create`, in the task's
-shape :data:`hapo_verl.tinyworld.reversed_addition.SHAPE`), answer-only cross-entropy on
-training-distribution problems (never held-out ones), AdamW, batch 128; every ``check_every`` steps the greedy
+From a seeded random init (the tiny world's model, :func:`hapo_verl.tinyworld.world.create`, in the task
+family's shape, e.g. :data:`hapo_verl.tinyworld.reversed_addition.SHAPE`), answer-only cross-entropy on
+training-distribution problems (never held-out ones) with the family's reference answer (Countdown: one solver
+solution drawn uniformly among the puzzle's), AdamW, batch 128; every ``check_every`` steps the greedy
 accuracy on a separate check set (not the held-out evaluation set) is measured and training stops at the first
 check that reaches ``target_accuracy``: the supervised transition of this task is sharp, so a fixed step count
 would give very different starts across seeds, while a target gives a reproducible partial start.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from hapo_verl.supervised import answer_only_batch, file_lock, train_until_accurate
 from hapo_verl.tinyworld import world
-from hapo_verl.tinyworld.reversed_addition import SHAPE, Codec, ProblemSampler, TaskConfig
+from hapo_verl.tinyworld.tasks import family
 
 #: bump when the checkpoint's tokenizer, template or model change: checkpoints of another version are not reused
 CHECKPOINT_VERSION = 2
@@ -45,12 +47,12 @@ class WarmupSettings:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def checkpoint_dir(cache_root: str | Path, task: TaskConfig, settings: WarmupSettings, seed: int) -> Path:
-    name = f"{task.kind}{task.digits}_{task.key()}_{settings.key()}_v{CHECKPOINT_VERSION}"
+def checkpoint_dir(cache_root: str | Path, task, settings: WarmupSettings, seed: int) -> Path:
+    name = f"{task.tag}_{task.key()}_{settings.key()}_v{CHECKPOINT_VERSION}"
     return Path(cache_root).expanduser().resolve() / name / f"seed{seed}"
 
 
-def ensure_warm_checkpoint(cache_root: str | Path, task: TaskConfig, seed: int,
+def ensure_warm_checkpoint(cache_root: str | Path, task, seed: int,
                            settings: WarmupSettings | None = None, threads: int = 2, log=print) -> tuple[str, dict]:
     """Return (model_dir, outcome); build the checkpoint on first use."""
     settings = settings or WarmupSettings()
@@ -69,7 +71,7 @@ def ensure_warm_checkpoint(cache_root: str | Path, task: TaskConfig, seed: int,
         return str(root / "model"), outcome
 
 
-def _warm_up(model_dir: Path, task: TaskConfig, seed: int, cfg: WarmupSettings, threads: int, log) -> dict:
+def _warm_up(model_dir: Path, task, seed: int, cfg: WarmupSettings, threads: int, log) -> dict:
     import torch
 
     from hapo_verl.bench_learning.fast import greedy_accuracy
@@ -77,17 +79,19 @@ def _warm_up(model_dir: Path, task: TaskConfig, seed: int, cfg: WarmupSettings, 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        world.create(model_dir, SHAPE, seed)
+        tasks = family(task)
+        world.create(model_dir, tasks.SHAPE, seed)
         tokenizer, model = world.load(model_dir)
-        codec = Codec(tokenizer, task)
-        sampler = ProblemSampler(task, seed + 100_000)
-        check = ProblemSampler(task, 999_983).sample(cfg.check_problems)
+        codec = tasks.Codec(tokenizer, task)
+        sampler = tasks.ProblemSampler(task, seed + 100_000)
+        check = tasks.ProblemSampler(task, 999_983).sample(cfg.check_problems)
+        references = random.Random(seed + 200_000)  # which solution, where a problem has several
         torch.manual_seed(seed)
         start = time.time()
 
         def next_batch():  # fixed-length prompts, no padding inside them: the model sees no attention mask
             problems = sampler.sample(cfg.batch_size)
-            return answer_only_batch([(codec.prompt_ids(a, b), codec.answer_ids(a, b)) for a, b in problems],
+            return answer_only_batch([(codec.encode_prompt(p), codec.reference_ids(p, references)) for p in problems],
                                      codec.pad, attention_mask=False)
 
         run = train_until_accurate(model, next_batch, lambda step: greedy_accuracy(model, codec, check),

@@ -53,6 +53,15 @@ class TaskConfig:
             raise ValueError(f"digits must be in 1..6, got {self.digits}")
 
     @property
+    def tag(self) -> str:
+        """Short name of the task family and size (cache directories)."""
+        return f"{self.kind}{self.digits}"
+
+    def describe(self) -> str:
+        return (f"{self.kind}, {self.digits} digits, reversed answer, {self.num_heldout} held-out prompts (greedy), "
+                f"max {self.max_new_tokens} new tokens, DAPO overlong buffer {self.overlong_buffer}")
+
+    @property
     def max_new_tokens(self) -> int:
         return self.digits + 2 + self.overlong_buffer
 
@@ -130,7 +139,10 @@ def rl_rows(task: TaskConfig, problems, split: str) -> list[dict]:
 
 
 class Codec:
-    """Text <-> ids for the task (prompt ids are those of verl's agent loop: chat template, generation prompt)."""
+    """Text <-> ids for the task (prompt ids are those of verl's agent loop: chat template, generation prompt).
+
+    A problem is ``(a, b)``; :meth:`encode_prompt`, :meth:`reference_ids` and :meth:`score` are the interface every
+    task's codec has (:mod:`hapo_verl.tinyworld.tasks`)."""
 
     def __init__(self, tokenizer, task: TaskConfig):
         self.tokenizer = tokenizer
@@ -150,3 +162,14 @@ class Codec:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_prompt(self, problem) -> list[int]:
+        return self.prompt_ids(*problem)
+
+    def reference_ids(self, problem, rng=None) -> list[int]:
+        """The answer and eos (the warm-up's target; one answer per problem, so ``rng`` is unused)."""
+        return self.answer_ids(*problem)
+
+    def score(self, problem, text: str) -> float:
+        """1.0 iff the response text, stripped, equals the reversed sum."""
+        return 1.0 if text.strip() == answer_text(*problem) else 0.0
