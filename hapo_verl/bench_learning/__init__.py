@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -30,12 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     from hapo_verl.bench_learning.verl_mode import VERL_METHODS
 
     p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES,
-                   help="fast-mode methods: verl's GRPO and DAPO, one per registered algorithm (default: all; "
-                        "--quick: grpo dapo hapo hapo_ref)")
+                   help="fast-mode methods (hapo_verl/bench_learning/methods.py: one per config of hapo_verl/conf, "
+                        "GRPO, HAPO's variants; default: all; --quick: grpo dapo hapo bapo d3s)")
     p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS))
     p.add_argument("--verl-seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None,
-                   help="fast-mode RL steps (default: the task's, addition 800, countdown 60; quick 6)")
+                   help="fast-mode RL steps (default: the task's, addition 800, countdown 30; quick 6)")
     p.add_argument("--verl-steps", type=int, default=None, help="verl-mode RL steps (default 40, quick 2)")
     p.add_argument("--eval-every", type=int, default=None)
     from hapo_verl.tinyworld.tasks import TASK_NAMES
@@ -46,11 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 500, quick 100)")
     p.add_argument("--target-acc", type=float, default=None,
                    help="warm-up stops at this check accuracy (default: the task's, addition 0.15, countdown 0.3)")
-    p.add_argument("--lr", type=float, default=None, help="RL learning rate (default: the task's, 1e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="RL learning rate (default: the task's, addition 1e-4, countdown 5e-5)")
     p.add_argument("--prompts", type=int, default=None,
                    help="prompts per RL step, n=8 samples each (default: the task's, 16)")
     p.add_argument("--mini-batches", type=int, default=None,
-                   help="PPO mini-batches per step (default: the task's, 2)")
+                   help="PPO mini-batches per step (default: the task's, addition 2, countdown 4)")
     p.add_argument("--epochs", type=int, default=None,
                    help="PPO epochs per step (default: the task's, addition 1, countdown 2)")
     p.add_argument("--task-report", action="store_true",
@@ -73,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="regenerate the committed report docs/results.md and its plots docs/results/")
     p.add_argument("--plots", default=None, help="PNG directory (default: <report dir>/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing records")
+    p.add_argument("--reproduce", action="store_true",
+                   help="rerun the first evaluation interval of every selected cell that has a record, compare its "
+                        "accuracy with the recorded one, and write OUT/reproduce.json (the report shows it)")
     p.add_argument("--force", action="store_true",
                    help="re-run runs whose record exists (verl mode keeps the earlier metrics.jsonl and trainer.log "
                         "beside the new ones, suffixed with the time)")
@@ -82,10 +88,19 @@ def _parser() -> argparse.ArgumentParser:
 #: the benchmark's settings on reversed addition; ``TASK_DEFAULTS`` holds where another task differs
 BASE_DEFAULTS = {"target_acc": 0.15, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 1, "steps": 800,
                  "eval_every": 40, "warmup_max_steps": 3000}
-#: Countdown, measured with ``--task-report`` and short GRPO runs (docs/learning_benchmark.md): two epochs so that
-#: vanilla PPO clips about 1% of the tokens at the start; a step costs about 3-4 CPU s, so 60 steps a run
-TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 1e-4, "prompts": 16, "mini_batches": 2, "epochs": 2,
-                               "steps": 60, "eval_every": 10, "warmup_max_steps": 1500}}
+#: Countdown, chosen with ``--task-report --calibrate`` and 30-step GRPO runs (docs/learning_benchmark.md): 4
+#: mini-batches x 2 epochs so that the later updates of a step are off-policy and clipping acts (vanilla PPO clips
+#: about 0.9% of the tokens early, 4% of the top-20%-entropy ones), at lr 5e-5, the setting that still learns
+#: (more updates per step or a higher lr made held-out accuracy collapse)
+TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 5e-5, "prompts": 16, "mini_batches": 4, "epochs": 2,
+                               "steps": 30, "eval_every": 5, "warmup_max_steps": 1500}}
+
+
+#: ``--quick``'s methods: the baselines, HAPO, one loss with the mini-batch pass and one selection step
+QUICK_METHODS = ("grpo", "dapo", "hapo", "bapo", "d3s")
+#: the grid's seeds: SEEDS_MAIN for the methods of the paper's comparison, SEEDS for every other
+MAIN_METHODS = ("grpo", "dapo", "hapo", "hapo_ds")
+SEEDS_MAIN, SEEDS = 5, 3
 
 
 def task_defaults(task_name: str) -> dict:
@@ -110,20 +125,59 @@ def _settings(args):
                   eval_every=args.eval_every or (3 if q else d["eval_every"]), threads=args.threads)
     warm = WarmupSettings(target_accuracy=pick(args.target_acc, "target_acc"),
                           max_steps=30 if q else d["warmup_max_steps"])
-    seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
     from hapo_verl.bench_learning.fast import METHOD_NAMES
 
-    methods = args.methods or (["grpo", "dapo", "hapo", "hapo_ref"] if q else list(METHOD_NAMES))
+    methods = args.methods or (list(QUICK_METHODS) if q else list(METHOD_NAMES))
+    if args.seeds is not None:
+        cells = [(m, s) for s in args.seeds for m in methods]
+    elif q:
+        cells = [(m, 0) for m in methods]
+    else:  # the grid: more seeds for the comparisons the paper makes
+        cells = [(m, s) for s in range(max(SEEDS_MAIN, SEEDS)) for m in methods
+                 if s < (SEEDS_MAIN if m in MAIN_METHODS else SEEDS)]
+    seeds = sorted({s for _, s in cells})
     verl_methods = args.verl_methods or (["hapo"] if q else ["dapo", "hapo"])
     verl_seeds = args.verl_seeds if args.verl_seeds is not None else seeds[:1]
     verl_steps = args.verl_steps or (2 if q else 40)
-    return task, rl, warm, seeds, methods, verl_methods, verl_seeds, verl_steps
+    return task, rl, warm, cells, seeds, methods, verl_methods, verl_seeds, verl_steps
 
 
 def _warm_job(cache, task, seed, warm, threads):
     from hapo_verl.bench_learning.warmup import ensure_warm_checkpoint
 
     return ensure_warm_checkpoint(cache, task, seed, warm, threads=threads)
+
+
+def _reproduce_job(model_dir, task, method, seed, rl, record):
+    from hapo_verl.bench_learning.fast import run_fast
+
+    first = next(e for e in record["evals"] if e["step"] > 0)
+    rec = run_fast(model_dir, task, method, seed, rl, stop_after=first["step"], log=lambda *a: None)
+    return {"method": method, "seed": seed, "step": first["step"], "recorded": first["acc"],
+            "rerun": rec["evals"][-1]["acc"]}
+
+
+def _reproduce(args, task, rl, cells, warmups, fast_dir) -> int:
+    """``--reproduce``: the first evaluation interval of each recorded cell, rerun and compared."""
+    jobs = []
+    for method, seed in cells:
+        path = os.path.join(fast_dir, f"{method}_s{seed}.json")
+        record = _load_json(path)
+        if record is None or record["rl"] != asdict(rl):
+            print(f"[bench] reproduce {method} s{seed}: no record with these settings, skipped", flush=True)
+            continue
+        jobs.append((warmups[seed][0], task, method, seed, rl, record))
+    with _pool(args.jobs) as pool:
+        rows = [f.result() for f in [pool.submit(_reproduce_job, *job) for job in jobs]]
+    out = os.path.join(args.out, "reproduce.json")
+    earlier = {(r["method"], r["seed"]): r for r in (_load_json(out) or [])}
+    earlier.update({(r["method"], r["seed"]): r for r in rows})
+    with open(out, "w") as f:
+        json.dump(list(earlier.values()), f, indent=1)
+    for r in rows:
+        print(f"[bench] reproduce {r['method']} s{r['seed']} step {r['step']}: recorded {r['recorded']:.4f}, "
+              f"rerun {r['rerun']:.4f} {'equal' if r['recorded'] == r['rerun'] else 'DIFFERENT'}", flush=True)
+    return 0 if all(r["recorded"] == r["rerun"] for r in rows) else 1
 
 
 def _fast_job(model_dir, task, method, seed, rl, path):
@@ -139,6 +193,20 @@ def _write_parquet(path: str, rows: list[dict]) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+def _load_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _keep_aside(path: str) -> str:
+    """Move an earlier record out of the way (never delete it): ``<name>.json.<time>``."""
+    aside = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, aside)
+    return aside
 
 
 def _pool(jobs):
@@ -199,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.digits is not None and args.task not in ("add", "addvar"):
         parser.error(f"--digits is a reversed-addition option; --task {args.task} has none")
     args.report = report_path(args, parser)
-    task, rl, warm, seeds, methods, verl_methods, verl_seeds, verl_steps = _settings(args)
+    task, rl, warm, cells, seeds, methods, verl_methods, verl_seeds, verl_steps = _settings(args)
     fast_dir, verl_dir = os.path.join(args.out, "fast"), os.path.join(args.out, "verl")
     os.makedirs(fast_dir, exist_ok=True)
     plots_dir = args.plots or os.path.join(os.path.dirname(os.path.abspath(args.report)), "results")
@@ -216,23 +284,30 @@ def main(argv: list[str] | None = None) -> int:
             warmups = {s: _warm_job(args.cache, task, s, warm, args.threads) for s in need_seeds}
         if args.task_report:
             return _task_report(args, task, rl, {s: warmups[s] for s in seeds})
+        if args.reproduce:
+            return _reproduce(args, task, rl, cells, warmups, fast_dir)
 
         if args.engine in ("fast", "both"):
             todo = []
-            for seed in seeds:
-                for method in methods:
-                    path = os.path.join(fast_dir, f"{method}_s{seed}.json")
-                    if os.path.exists(path) and not args.force:
-                        with open(path) as f:
-                            done = json.load(f)
-                            if done["rl"]["steps"] == rl.steps and done.get("task") == task.to_dict():
-                                print(f"[bench] {method} s{seed}: record exists, skipped", flush=True)
-                                continue
-                    todo.append((warmups[seed][0], task, method, seed, rl, path))
+            for method, seed in cells:
+                path = os.path.join(fast_dir, f"{method}_s{seed}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        done = json.load(f)
+                    if done["rl"] == asdict(rl) and done.get("task") == task.to_dict() and not args.force:
+                        print(f"[bench] {method} s{seed}: record exists, skipped", flush=True)
+                        continue
+                    print(f"[bench] {method} s{seed}: the earlier record is kept as {_keep_aside(path)}; the cell "
+                          "runs again", flush=True)
+                todo.append((warmups[seed][0], task, method, seed, rl, path))
             if args.jobs > 1 and len(todo) > 1:
                 with _pool(args.jobs) as pool:
-                    for fut in [pool.submit(_fast_job, *job) for job in todo]:
-                        m, s, secs, acc = fut.result()
+                    for job, fut in [(job, pool.submit(_fast_job, *job)) for job in todo]:
+                        try:
+                            m, s, secs, acc = fut.result()
+                        except Exception as exc:  # one failed cell must not lose the others; it stays missing
+                            print(f"[bench] FAILED {job[2]} s{job[3]}: {exc!r}", flush=True)
+                            continue
                         print(f"[bench] done {m} s{s}: {secs:.0f} s, last acc {acc:.3f}", flush=True)
             else:
                 for job in todo:
@@ -268,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fast_runs = report.load_runs(fast_dir)
     verl_runs = report.load_runs(verl_dir) if os.path.isdir(verl_dir) else []
-    expected = {(m, s) for m in methods for s in seeds}
-    have = {(r["method"], r["seed"]) for r in fast_runs if r["rl"]["steps"] == rl.steps}
+    expected = set(cells)
+    have = {(r["method"], r["seed"]) for r in fast_runs if r["rl"] == asdict(rl)}
     missing = sorted(expected - have)
     status = ("complete" if not missing else
               f"**PARTIAL**: missing fast runs {', '.join(f'{m} s{s}' for m, s in missing)}")
@@ -282,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             warm_list.append(json.loads(path.read_text()))
     cmd = "hapo-verl bench-learning " + " ".join(argv if argv is not None else sys.argv[1:])
     header = "\n".join([
-        "# Learning benchmark results (CPU): GRPO vs DAPO vs HAPO",
+        f"# Learning benchmark results (CPU, {task.kind}): every method of the registry",
         "",
         f"Generated by `{cmd.strip()}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
         "(method and set-up: [learning_benchmark.md](learning_benchmark.md)).",
@@ -291,12 +366,24 @@ def main(argv: list[str] | None = None) -> int:
         f"- Task: {task.describe()}.",
         f"- RL: {rl.steps} steps × {rl.prompts_per_step} prompts × n={rl.n}, lr {rl.lr}, {rl.ppo_mini_batches} "
         f"mini-batches per step{'' if rl.ppo_epochs == 1 else f' × {rl.ppo_epochs} epochs'}, micro-batch "
-        f"{rl.micro_batch_size}, eval every {rl.eval_every} steps; seeds {seeds}.",
+        f"{rl.micro_batch_size}, eval every {rl.eval_every} steps; seeds {seeds} ({SEEDS_MAIN} for "
+        f"{', '.join(MAIN_METHODS)} and {SEEDS} for every other method in the grid).",
+        f"- Cells: {len(have & expected)} of {len(expected)} ({len(methods)} methods); each cell is one process "
+        "thread, `--jobs` cells at a time; the exact command of each cell is in `results/summary.json`.",
         f"- Warm-up: SFT until greedy check accuracy ≥ {warm.target_accuracy} (cap {warm.max_steps} steps), one "
         "checkpoint per seed shared by every method and by the verl runs.",
     ])
     pngs = report.plots(fast_runs, plots_dir, verl_runs) if fast_runs else []
-    report.write_report(args.report, fast_runs, verl_runs, pngs, header, warmups=warm_list)
+    task_reports = _load_json(os.path.join(args.out, f"task_report_{args.task}.json"))
+    report.write_report(args.report, fast_runs, verl_runs, pngs, header, warmups=warm_list,
+                        task_reports=task_reports, reproduced=_load_json(os.path.join(args.out, "reproduce.json")))
+    if fast_runs:
+        os.makedirs(plots_dir, exist_ok=True)
+        with open(os.path.join(plots_dir, "summary.json"), "w") as f:
+            json.dump(report.summary(fast_runs), f, indent=1)
+        with gzip.open(os.path.join(plots_dir, f"records_{args.task}.json.gz"), "wt") as f:
+            json.dump({"fast": fast_runs, "verl": verl_runs}, f)
+        print(f"[bench] summary {plots_dir}/summary.json, records {plots_dir}/records_{args.task}.json.gz", flush=True)
     print(f"[bench] report {args.report}, plots {plots_dir} ({time.time() - t0:.0f} s)", flush=True)
     return 0
 

@@ -36,56 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, OLD_ENTROPY
+from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY
 from hapo_verl.tinyworld.tasks import family
 
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str
-    estimator: str = "grpo"  # verl's estimator or a registered one
-    loss: str = "vanilla"  # verl's vanilla loss or a registered one
-    loss_agg_mode: str = "token-mean"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: float = 10.0
-    dynamic_sampling: bool = False
-    overlong_shaping: bool = False
-    temperature_tau: float = 0.0  # adaptive temperature (0: off)
-    reference_compat: bool = False  # the fork-compatibility switch, for algorithms that have one
+from hapo_verl.bench_learning.methods import FastSettings, fast_settings, methods
 
-
-#: the published adaptive-temperature depth used whenever a method samples with adaptive temperature
-TEMPERATURE_TAU = 0.05
-
-
-def registered_methods() -> dict[str, MethodConfig]:
-    """One method per registered algorithm: its estimator (else GRPO's) and its loss (else verl's vanilla) with
-    their default options, adaptive temperature when the algorithm provides it, and a ``<name>_ref`` variant
-    with the fork-compatibility switch on when its sampling options have one."""
-    from dataclasses import fields
-
-    from hapo_verl import registry
-
-    methods = {}
-    for spec in registry.specs():
-        samples = spec.sampling_options is not None
-        base = MethodConfig(spec.name, estimator=spec.name if spec.advantage else "grpo",
-                            loss=spec.name if spec.loss else "vanilla", temperature_tau=TEMPERATURE_TAU if samples else 0.0)
-        methods[spec.name] = base
-        if samples and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
-            methods[f"{spec.name}_ref"] = MethodConfig(**{**asdict(base), "name": f"{spec.name}_ref",
-                                                          "reference_compat": True})
-    return methods
-
-
-METHODS = {
-    # GRPO as verl users configure it: grpo estimator, symmetric clip, seq-mean-token-mean
-    "grpo": MethodConfig("grpo", loss_agg_mode="seq-mean-token-mean"),
-    # DAPO: GRPO advantages + clip-higher + token-mean + dynamic sampling + overlong shaping
-    "dapo": MethodConfig("dapo", clip_high=0.28, dynamic_sampling=True, overlong_shaping=True),
-    **registered_methods(),
-}
-METHOD_NAMES = tuple(METHODS)
+METHOD_NAMES = tuple(methods())
+#: a token is "high-entropy" in the clip-fraction split when its old-policy entropy is in the step's top 20%
+HIGH_ENTROPY_QUANTILE = 0.8
 
 
 @dataclass(frozen=True)
@@ -182,76 +140,39 @@ def _pad_cat(tensors: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors], 0)
 
 
-def _with_switch(options_cls, method: MethodConfig) -> dict:
-    """The options a method sets: the fork-compatibility switch where the options have one."""
-    from dataclasses import fields
-
-    names = {f.name for f in fields(options_cls)} if options_cls is not None else set()
-    return {"reference_compat": method.reference_compat} if "reference_compat" in names else {}
-
-
-def actor_config(method: MethodConfig, rl: RLConfig):
-    from verl.workers.config import ActorConfig
-    from verl.workers.config.actor import PolicyLossConfig
-
-    from hapo_verl import config, registry
-
-    spec = registry.get(method.loss)
-    if spec is not None and spec.loss is not None:
-        cls = config.LOSS_CONFIG_CLASSES[config.loss_config_name(spec)]
-        policy_loss = cls(**_with_switch(spec.loss_options, method))
-    else:
-        policy_loss = PolicyLossConfig(loss_mode=method.loss)
-    return ActorConfig(strategy="fsdp", rollout_n=rl.n, ppo_micro_batch_size_per_gpu=rl.micro_batch_size,
-                       clip_ratio_low=method.clip_low, clip_ratio_high=method.clip_high,
-                       clip_ratio_c=method.clip_ratio_c, loss_agg_mode=method.loss_agg_mode,
-                       policy_loss=policy_loss)
-
-
 class FastRun:
-    def __init__(self, model, codec, method: MethodConfig, rl: RLConfig, seed: int):
+    def __init__(self, model, codec, method: FastSettings, rl: RLConfig, seed: int):
         import hapo_verl.registration  # noqa: F401  (registers the hapo estimator / loss names in verl)
-        from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
         hapo_verl.registration.ensure_registered()
         self.model, self.codec, self.method, self.rl, self.seed = model, codec, method, rl, seed
         self.task = codec.task
         self.sampler = family(self.task).ProblemSampler(self.task, seed)
         self.gen = torch.Generator().manual_seed(seed * 1000 + 1)
-        from hapo_verl import registry
-        from hapo_verl.integration.options import loss_options
-
+        plan = method.plan  # what the trainer does for this config (hapo_trainer.StepPlan)
+        self.plan = plan
+        self.config = method.actor
+        self.loss_spec, self.loss_options, self.loss_needs = plan.loss_spec, plan.loss_options, plan.loss_needs
+        self.estimator_spec, self.estimator_options = plan.estimator_spec, plan.estimator_options
+        self.estimator_config = method.algorithm  # verl's algorithm section (the estimator reads its options there)
         self.adv_fn = get_adv_estimator_fn(method.estimator)
-        self.vanilla_loss = get_policy_loss_fn("vanilla")
-        self.config = actor_config(method, rl)
-        self.loss_spec = registry.get(method.loss) if method.loss != "vanilla" else None
-        self.loss_options = loss_options(self.loss_spec, self.config.policy_loss) if self.loss_spec else None
-        self.loss_needs = self.loss_spec.needs_of_loss(self.loss_options) if self.loss_spec else frozenset()
-        self.estimator_spec = registry.get(method.estimator)
-        if self.estimator_spec is not None and self.estimator_spec.advantage is None:
-            self.estimator_spec = None
-        self.estimator_config = self.estimator_options = None  # verl's algorithm config, and the options in it
-        if self.estimator_spec is not None:
-            from hapo_verl.integration.options import estimator_options
-
-            spec = self.estimator_spec
-            self.estimator_config = {spec.name: _with_switch(spec.estimator_options, method)}
-            self.estimator_options = estimator_options(spec, self.estimator_config)
-        self.sampling_spec = registry.rollout_stats_spec() if method.temperature_tau > 0 else None
+        self.sampling_spec = plan.sampling_spec if plan.adaptive_temperature else None
         self.opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay,
                                      betas=(0.9, 0.999))
         self.prev_stats = None  # entropy statistics of the previous step (adaptive temperature)
         self.uid = 0
+        self.step_index = 0
 
     # -- rollout
     def _factor_fn(self):
-        m = self.method
-        if m.temperature_tau <= 0 or self.prev_stats is None:
+        if self.sampling_spec is None or self.prev_stats is None:
             return None
         from hapo_verl.algorithms.entropy import temperature_factor_from_entropy
 
-        stats = self.prev_stats
-        return lambda entropy: temperature_factor_from_entropy(entropy, stats, m.temperature_tau, m.reference_compat)
+        stats, sampling = self.prev_stats, self.plan.sampling
+        return lambda entropy: temperature_factor_from_entropy(entropy, stats, sampling.temperature_tau,
+                                                               sampling.reference_compat)
 
     def _gen_batch(self) -> dict:
         rl, task = self.rl, self.task
@@ -349,43 +270,107 @@ class FastRun:
             entropy = token_entropy_from_logits(logits.detach())
         return logp, entropy
 
-    def update(self, batch: dict, adv: torch.Tensor, batch_stats: dict) -> dict:
-        from hapo_verl.integration.loss import compute_policy_loss
+    def select(self, batch: dict, adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The tokens the update learns from: the mask, or what the enabled selection steps keep (the trainer's
+        :func:`~hapo_verl.integration.selection.run_selections`, on the whole batch)."""
+        from hapo_verl.algorithms.groups import group_ids_from_index
+        from hapo_verl.integration.selection import run_selections
+
+        if not self.plan.selections:
+            return batch["mask"], {}
+        mask = batch["mask"]
+        group_ids = group_ids_from_index(np.array(batch["uid"], dtype=object))
+        keep, metrics = run_selections(self.plan.selections, adv.float(), mask.float(), group_ids,
+                                       {"entropy": batch["entropy"], "old_log_probs": batch["old_log_prob"]},
+                                       step=self.step_index, total_steps=self.rl.steps, lengths=mask.sum(1).long())
+        return keep.to(mask.dtype), metrics
+
+    def _loss_entropy(self, batch, rows, cur_entropy):
+        if CURRENT_ENTROPY in self.loss_needs:
+            return cur_entropy
+        return batch["entropy"][rows] if OLD_ENTROPY in self.loss_needs else None
+
+    @torch.no_grad()
+    def minibatch_stats(self, batch: dict, rows: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
+                        batch_stats) -> dict:
+        """The mini-batch pass before one mini-batch's update (:mod:`hapo_verl.integration.minibatch`): the spec's
+        statistics of every micro-batch at the current policy, combined over the mini-batch."""
+        from hapo_verl import registry
+        from hapo_verl.integration.minibatch import combine, part_statistics
+
+        spec, options = self.loss_spec, self.loss_options
+        forward = spec.minibatch_pass_runs_forward(options)
+        parts = []
+        for micro in torch.split(torch.arange(len(rows)), self.rl.micro_batch_size):
+            sub = rows[micro]
+            logp = entropy = None
+            if forward:
+                logp, entropy = self._forward(batch, sub)
+            part = registry.MiniBatchPart(old_log_prob=batch["old_log_prob"][sub], advantages=adv[sub],
+                                          response_mask=mask[micro].bool(), log_prob=logp,
+                                          entropy=self._loss_entropy(batch, sub, entropy), batch_stats=batch_stats)
+            parts.append(part_statistics(spec, options, part))
+        return combine(spec, options, parts)
+
+    def update(self, batch: dict, adv: torch.Tensor, batch_stats: dict, update_mask: torch.Tensor) -> dict:
+        """``ppo_epochs`` x ``ppo_mini_batches`` optimizer steps on the tokens of ``update_mask``."""
+        from hapo_verl.integration.loss import compute_policy_loss, run_loss
 
         rl, m = self.rl, self.method
+        agg = self.config.loss_agg_mode
         B = batch["mask"].shape[0]
         n_mini = max(1, min(rl.ppo_mini_batches, B // rl.n))
         group_order = torch.arange(B)  # verl keeps the batch order (shuffle off): groups stay together
         mini_rows = torch.tensor_split(group_order, n_mini) * rl.ppo_epochs
         n_updates = len(mini_rows)
+        # the clip fraction split by old-policy entropy: top 20% of the step's tokens vs the rest, with the
+        # method's nominal clip range (for verl's vanilla loss, exactly the tokens it clips)
+        valid = batch["mask"].bool()
+        high_cut = torch.quantile(batch["entropy"][valid].float(), HIGH_ENTROPY_QUANTILE) if valid.any() else 0.0
+        high = (batch["entropy"] >= high_cut) & update_mask.bool()
+        low = (~(batch["entropy"] >= high_cut)) & update_mask.bool()
+        clipped_high = clipped_low = torch.zeros(())
         metrics = {"pg_clipfrac": 0.0, "pg_loss": 0.0, "grad_norm": 0.0}
+        loss_metrics: dict[str, float] = {}
         self.model.train()
+        needs_pass = self.loss_spec is not None and MINIBATCH_STATS in self.loss_needs
+        stats = batch_stats.get(self.loss_spec.name) if self.loss_spec is not None and BATCH_STATS in self.loss_needs \
+            else None
         for rows in mini_rows:
-            mask = batch["mask"][rows]
-            logp, cur_entropy = self._forward(batch, rows)
+            mask = update_mask[rows]
             old, a = batch["old_log_prob"][rows], adv[rows]
+            mb_stats = self.minibatch_stats(batch, rows, mask, adv, stats) if needs_pass else None
+            logp, cur_entropy = self._forward(batch, rows)
             mini_tokens, mini_seqs = mask.sum().clamp_min(1), (mask.sum(1) > 0).sum().clamp_min(1)
             loss = torch.zeros(())
             clipfrac = 0.0
             for micro in torch.split(torch.arange(len(rows)), rl.micro_batch_size):
                 mm = mask[micro]
-                if m.loss_agg_mode == "token-mean":
+                if agg == "token-mean":
                     weight = mm.sum() / mini_tokens
                 else:
                     weight = (mm.sum(1) > 0).sum() / mini_seqs
                 if self.loss_spec is not None:
-                    needs = self.loss_needs
-                    entropy = cur_entropy[micro] if CURRENT_ENTROPY in needs else \
-                        batch["entropy"][rows][micro] if OLD_ENTROPY in needs else None
-                    stats = batch_stats.get(m.loss) if BATCH_STATS in needs else None
-                    part, pm = compute_policy_loss(m.loss, old[micro], logp[micro], a[micro], mm, m.loss_agg_mode,
-                                                   self.config, entropy=entropy, batch_stats=stats)
-                else:
-                    part, pm = self.vanilla_loss(old[micro], logp[micro], a[micro], mm, m.loss_agg_mode,
-                                                 self.config, None)
+                    entropy = self._loss_entropy(batch, rows[micro], None if cur_entropy is None else cur_entropy[micro])
+                    part, pm = run_loss(self.loss_spec, self.loss_options, old_log_prob=old[micro],
+                                        log_prob=logp[micro], advantages=a[micro], response_mask=mm,
+                                        loss_agg_mode=agg, config=self.config, entropy=entropy, batch_stats=stats,
+                                        minibatch_stats=mb_stats)
+                else:  # verl's own losses (vanilla, clip_cov, kl_cov) through verl's registry
+                    part, pm = compute_policy_loss(m.loss_mode, old[micro], logp[micro], a[micro], mm, agg,
+                                                   self.config)
                 loss = loss + part * weight
+                for key, value in pm.items():
+                    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+                    loss_metrics[key] = loss_metrics.get(key, 0.0) + value * float(weight) / n_updates
                 cf = pm.get("actor/pg_clipfrac", 0.0)
                 clipfrac += float(cf.item() if isinstance(cf, torch.Tensor) else cf) * float(weight)
+            with torch.no_grad():
+                ratio = torch.exp(logp.detach() - old)
+                outside = ((a > 0) & (ratio > 1 + self.config.clip_ratio_high)) | \
+                    ((a < 0) & (ratio < 1 - self.config.clip_ratio_low))
+                clipped_high = clipped_high + (outside & high[rows]).sum()
+                clipped_low = clipped_low + (outside & low[rows]).sum()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
@@ -393,6 +378,9 @@ class FastRun:
             metrics["pg_clipfrac"] += clipfrac / n_updates
             metrics["pg_loss"] += float(loss.detach()) / n_updates
             metrics["grad_norm"] += float(gn) / n_updates
+        metrics["clipfrac_high_entropy"] = float(clipped_high) / max(1.0, float(high.sum()) * rl.ppo_epochs)
+        metrics["clipfrac_low_entropy"] = float(clipped_low) / max(1.0, float(low.sum()) * rl.ppo_epochs)
+        metrics.update({k: v for k, v in loss_metrics.items() if k != "actor/pg_clipfrac"})
         return metrics
 
     def batch_stats(self, batch: dict) -> dict:
@@ -410,6 +398,7 @@ class FastRun:
         from hapo_verl.algorithms.entropy import EntropyStats
 
         t0 = time.time()
+        self.step_index += 1
         batch, info = self.rollout()
         if not batch:
             return {**info, "skipped": 1.0, "step_time": time.time() - t0}
@@ -417,7 +406,9 @@ class FastRun:
         tlr = self.rewards(batch)
         batch_stats = self.batch_stats(batch)
         adv = self.advantages(batch, tlr, batch_stats)
-        metrics = self.update(batch, adv, batch_stats)
+        update_mask, selected = self.select(batch, adv)
+        metrics = self.update(batch, adv, batch_stats, update_mask)
+        metrics.update(selected)
         if self.sampling_spec is not None:
             # the next step's sampler uses this step's statistics
             self.prev_stats = EntropyStats.from_dict(batch_stats[self.sampling_spec.name])
@@ -436,8 +427,10 @@ class FastRun:
 
 
 def run_fast(model_dir: str, task, method_name: str, seed: int, rl: RLConfig, out_path: str | None = None,
-             log=print) -> dict:
-    """One RL run from the warmed-up checkpoint ``model_dir``; returns (and writes) the run record."""
+             log=print, stop_after: int | None = None) -> dict:
+    """One RL run from the warmed-up checkpoint ``model_dir``; returns (and writes) the run record.
+    ``stop_after``: stop after that step (schedules still span ``rl.steps``): how a cell's first evaluation
+    interval is rerun to check that it reproduces."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(rl.threads)
@@ -445,18 +438,18 @@ def run_fast(model_dir: str, task, method_name: str, seed: int, rl: RLConfig, ou
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     codec = family(task).Codec(tokenizer, task)
-    method = METHODS[method_name]
+    method = fast_settings(method_name)
     run = FastRun(model, codec, method, rl, seed)
     heldout = family(task).heldout_problems(task)
     evals, history = [], []
     start = time.time()
     evals.append({"step": 0, "acc": greedy_accuracy(model, codec, heldout), "time": 0.0})
     log(f"[bench] {method_name} s{seed} step 0 acc {evals[-1]['acc']:.3f}")
-    for step in range(1, rl.steps + 1):
+    for step in range(1, (stop_after or rl.steps) + 1):
         metrics = run.step()
         metrics["step"] = step
         history.append(metrics)
-        if step % rl.eval_every == 0 or step == rl.steps:
+        if step % rl.eval_every == 0 or step == rl.steps or step == stop_after:
             acc = greedy_accuracy(model, codec, heldout)
             evals.append({"step": step, "acc": acc, "time": round(time.time() - start, 2)})
             recent = history[-rl.eval_every:]
@@ -466,7 +459,7 @@ def run_fast(model_dir: str, task, method_name: str, seed: int, rl: RLConfig, ou
                 f"{np.mean([h.get('response_length', 0) for h in recent]):.2f} "
                 f"({time.time() - start:.0f} s)")
     record = {"mode": "fast", "method": method_name, "seed": seed, "task": task.to_dict(), "rl": asdict(rl),
-              "method_config": asdict(method), "evals": evals, "history": history,
+              "method_config": method.describe(), "evals": evals, "history": history,
               "seconds": round(time.time() - start, 2), "model_dir": model_dir}
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -10,26 +10,26 @@ from pathlib import Path
 
 import numpy as np
 
-#: the methods of the committed report first; any other method of the records follows, by name
-ORDER = ["grpo", "dapo", "hapo", "hapo_ref"]
-LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO (default)", "hapo_ref": "HAPO (reference_compat)"}
+from hapo_verl.bench_learning.methods import label, methods as _methods
 
-
-def label(method: str) -> str:
-    """A method's label: the known ones above, else the registered algorithm's title."""
-    if method in LABELS:
-        return LABELS[method]
-    from hapo_verl import registry
-
-    fork = method.endswith("_ref")
-    spec = registry.get(method[: -len("_ref")] if fork else method)
-    if spec is None:
-        return method
-    return f"{spec.title} (reference_compat)" if fork else spec.title
+#: t quantiles (0.975) for 95% confidence intervals over n - 1 degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def ordered(methods) -> list[str]:
-    return [m for m in ORDER if m in methods] + sorted(m for m in methods if m not in ORDER)
+    """The methods in the benchmark's order (:func:`~hapo_verl.bench_learning.methods.methods`), unknown ones last."""
+    order = list(_methods())
+    return [m for m in order if m in methods] + sorted(m for m in methods if m not in order)
+
+
+def confidence_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t interval of the mean over seeds (nan bounds with fewer than 2 values)."""
+    values = [float(v) for v in values]
+    mean = float(np.mean(values)) if values else float("nan")
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = T975.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 def load_runs(directory: str) -> list[dict]:
@@ -135,30 +135,151 @@ def _first_last(history, key) -> str:
     return f"{np.mean(vals[:q]):.3f} → {np.mean(vals[-q:]):.3f}"
 
 
-PAIRS = [("hapo", "dapo"), ("hapo", "grpo"), ("dapo", "grpo"), ("hapo_ref", "hapo")]
+#: the comparisons the claims rest on (A, B): HAPO against the baselines, and each HAPO component
+CLAIM_PAIRS = [("hapo", "dapo"), ("hapo_ds", "dapo"), ("hapo", "grpo"), ("dapo", "grpo"), ("hapo_ds", "hapo"),
+               ("hapo", "hapo_no_ats"), ("hapo", "hapo_no_tlga"), ("hapo", "hapo_no_dar"), ("hapo", "hapo_no_aac"),
+               ("hapo_ref", "hapo")]
 
 
 def pairs(methods) -> list[tuple[str, str]]:
-    """The committed pairs, then every other method against DAPO."""
-    return PAIRS + [(m, "dapo") for m in ordered(methods) if m not in ORDER]
+    """The claims' pairs, then every other method against GRPO and against DAPO."""
+    found = [(a, b) for a, b in CLAIM_PAIRS if a in methods and b in methods]
+    claimed = {m for pair in CLAIM_PAIRS for m in pair}
+    for m in ordered(methods):
+        if m not in claimed:
+            found += [(m, base) for base in ("grpo", "dapo") if base in methods]
+    return found
+
+
+def paired_differences(runs: list[dict], a: str, b: str, last: int = 3) -> dict | None:
+    """A − B over the seeds both ran (same seed = same checkpoint and prompt stream): per-seed differences of the
+    end accuracy, the AUC and the accuracy at equal sample budget, each with its 95% interval."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    if not seeds:
+        return None
+    out = {"a": a, "b": b, "seeds": seeds}
+    for key, fn in (("end_acc", lambda r: end_accuracy(r["evals"], last)), ("auc", lambda r: auc(r["evals"])),
+                    ("budget_acc", lambda r: budget_accuracy(r)[0])):
+        diffs = [fn(by[a, s]) - fn(by[b, s]) for s in seeds]
+        mean, low, high = confidence_interval(diffs)
+        out[key] = {"per_seed": diffs, "mean": mean, "ci95": [low, high]}
+    return out
+
+
+def _ci(d: dict) -> str:
+    low, high = d["ci95"]
+    if math.isnan(low):
+        return f"{d['mean']:+.3f}"
+    return f"{d['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def paired_table(runs: list[dict], last: int) -> str:
-    """Per-seed differences (same seed = same checkpoint and prompts): A − B."""
-    by = {(r["method"], r["seed"]): r for r in runs}
-    lines = ["| A − B | seeds | end acc: per seed | mean | AUC: mean | acc at equal sample budget: mean |",
-             "|---|---|---|---|---|---|"]
-    for a, b in pairs({m for m, _ in by}):
-        seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
-        if not seeds:
+    """Per-seed differences A − B with 95% t intervals over seeds."""
+    methods = {r["method"] for r in runs}
+    lines = ["| A − B | seeds | end acc: per seed | end acc: mean [95% CI] | AUC: mean [95% CI] | "
+             "acc at equal sample budget: mean [95% CI] |", "|---|---|---|---|---|---|"]
+    for a, b in pairs(methods):
+        d = paired_differences(runs, a, b, last)
+        if d is None:
             continue
-        d_end = [end_accuracy(by[a, s]["evals"], last) - end_accuracy(by[b, s]["evals"], last) for s in seeds]
-        d_auc = [auc(by[a, s]["evals"]) - auc(by[b, s]["evals"]) for s in seeds]
-        d_bud = [budget_accuracy(by[a, s])[0] - budget_accuracy(by[b, s])[0] for s in seeds]
-        per = ", ".join(f"s{s}: {d:+.3f}" for s, d in zip(seeds, d_end))
-        lines.append(f"| {label(a)} − {label(b)} | {len(seeds)} | {per} | {_mean_std(d_end)} | {_mean_std(d_auc)} "
-                     f"| {_mean_std(d_bud)} |")
+        per = ", ".join(f"s{s}: {v:+.3f}" for s, v in zip(d["seeds"], d["end_acc"]["per_seed"]))
+        lines.append(f"| {label(a)} − {label(b)} | {len(d['seeds'])} | {per} | {_ci(d['end_acc'])} | "
+                     f"{_ci(d['auc'])} | {_ci(d['budget_acc'])} |")
     return "\n".join(lines)
+
+
+def _verdict(d: dict | None, what: str) -> str:
+    if d is None:
+        return f"{what}: no data (a method of the pair did not run)."
+    parts = []
+    for key, name in (("end_acc", "end accuracy"), ("auc", "AUC"), ("budget_acc", "accuracy at equal samples")):
+        low, high = d[key]["ci95"]
+        sign = ("higher" if low > 0 else "lower" if high < 0 else "not different (the interval contains 0)") \
+            if not math.isnan(low) else "one seed only"
+        parts.append(f"{name} {_ci(d[key])}: {sign}")
+    supported = [d[k]["ci95"][0] > 0 for k in ("end_acc", "auc")]
+    contradicted = [d[k]["ci95"][1] < 0 for k in ("end_acc", "auc")]
+    verdict = ("**supported**" if all(supported) else "**partly supported**" if any(supported) else
+               "**contradicted**" if any(contradicted) else "**not shown** by these data")
+    return f"{what}: {verdict} ({len(d['seeds'])} seeds; " + "; ".join(parts) + ")."
+
+
+CLAIMS = [("hapo", "dapo", "HAPO > DAPO (HAPO without dynamic sampling, DAPO with it)"),
+          ("hapo_ds", "dapo", "HAPO > DAPO on DAPO's recipe (both with dynamic sampling and overlong shaping: the "
+                              "paper's comparison)"),
+          ("hapo", "grpo", "HAPO > GRPO"),
+          ("hapo", "hapo_no_ats", "adaptive temperature sampling (ATS) helps"),
+          ("hapo", "hapo_no_tlga", "the token-level group average advantage (TLGA) helps"),
+          ("hapo", "hapo_no_dar", "differential advantage redistribution (DAR) helps"),
+          ("hapo", "hapo_no_aac", "asymmetric adaptive clipping (AAC) helps")]
+
+
+def verdicts(runs: list[dict], last: int = 3) -> str:
+    """One line per claim, from the paired 95% intervals: supported when both the end accuracy's and the AUC's
+    intervals lie above 0, partly when one does, contradicted when one lies below 0, else not shown."""
+    return "\n".join(f"- {_verdict(paired_differences(runs, a, b, last), what)}" for a, b, what in CLAIMS)
+
+
+def _mean_key(history, key):
+    vals = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+    return float(np.mean(vals)) if vals else None
+
+
+#: the activity columns every method has
+ACTIVITY = [("pg_clipfrac", "loss clip fraction"), ("clipfrac_high_entropy", "clip frac., top-20% H tokens"),
+            ("clipfrac_low_entropy", "clip frac., other tokens"), ("temperature_mean", "temperature mean"),
+            ("temperature_std", "temperature sd"), ("kept_group_frac", "DS kept groups")]
+#: the method's own metrics shown per method (logged by its loss or selection step), by key suffix
+OWN_METRICS = ("amplified_frac", "attenuated_frac", "clip_lower_bound_mean", "clip_upper_bound_mean", "clip_low",
+               "clip_high", "spurious_frac", "candidate_frac", "selected_frac", "kept_sample_fraction",
+               "kept_token_fraction", "high_entropy_frac", "forking_frac", "entropy_clipfrac")
+
+
+def activity_table(runs: list[dict]) -> str:
+    """Each method's component activity, averaged over its steps and seeds."""
+    lines = ["| method | " + " | ".join(name for _, name in ACTIVITY) + " | the method's own (mean over steps) |",
+             "|---|" + "---|" * (len(ACTIVITY) + 1)]
+    for method, rs in _group(runs).items():
+        cells = []
+        for key, _ in ACTIVITY:
+            vals = [v for v in (_mean_key(r["history"], key) for r in rs) if v is not None]
+            cells.append(f"{np.mean(vals):.4f}" if vals else "-")
+        own = {}
+        for r in rs:
+            for h in r["history"]:
+                for k, v in h.items():
+                    if isinstance(v, (int, float)) and k.rsplit("/", 1)[-1] in OWN_METRICS and "/" in k:
+                        own.setdefault(k, []).append(v)
+        own_text = ", ".join(f"{k.split('/', 1)[1] if k.startswith('actor/') else k} {np.mean(v):.3f}"
+                             for k, v in sorted(own.items())) or "-"
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {own_text} |")
+    return "\n".join(lines)
+
+
+def cell_command(run: dict) -> str:
+    """The command that reproduces one cell (its record's settings)."""
+    rl, task = run["rl"], run["task"]
+    return (f"hapo-verl bench-learning --task {task['kind']} --methods {run['method']} --seeds {run['seed']} "
+            f"--steps {rl['steps']} --lr {rl['lr']} --prompts {rl['prompts_per_step']} "
+            f"--mini-batches {rl['ppo_mini_batches']} --epochs {rl['ppo_epochs']} --eval-every {rl['eval_every']} "
+            f"--threads {rl['threads']} --jobs 1")
+
+
+def summary(runs: list[dict], last: int = 3) -> dict:
+    """The machine-readable summary: per task, method and seed."""
+    tasks: dict = {}
+    for r in sorted(runs, key=lambda r: (r["task"]["kind"], ordered({x["method"] for x in runs}).index(r["method"]),
+                                         r["seed"])):
+        h = r["history"]
+        tasks.setdefault(r["task"]["kind"], {"task": r["task"], "rl": r["rl"], "cells": []})["cells"].append({
+            "method": r["method"], "seed": r["seed"], "start_acc": r["evals"][0]["acc"],
+            "end_acc": end_accuracy(r["evals"], last), "auc": auc(r["evals"]),
+            "mean_response_length": _mean_key(h, "response_length"), "mean_clip_fraction": _mean_key(h, "pg_clipfrac"),
+            "samples_per_step": _mean_key(h, "samples_generated"), "seconds": r.get("seconds"),
+            "method_config": r.get("method_config"), "command": cell_command(r)})
+    return {"end_acc": f"mean of the last {last} evaluations", "auc": "time-averaged held-out accuracy (trapezoid)",
+            "tasks": tasks}
 
 
 def verl_table(verl_runs: list[dict], fast_runs: list[dict]) -> str:
@@ -272,8 +393,31 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
     return written
 
 
+def task_table(reports: list[dict]) -> str:
+    """The task as the warmed-up policies see it (``--task-report``): per seed."""
+    lines = ["| seed | greedy held-out acc | sampled length | sampled acc | share of tokens with H < 0.1 | "
+             "entropy mass of the top 20% | vanilla PPO clip fraction (setting) |", "|---|---|---|---|---|---|---|"]
+    for rep in reports:
+        prof = rep.get("entropy", {})
+        clips = "; ".join(f"{c['clip_fraction']:.4f} ({c['setting']})" for c in rep.get("calibration", []))
+        lines.append(f"| {rep['seed']} | {rep.get('heldout_acc', float('nan')):.3f} | "
+                     f"{rep.get('sampled_length', float('nan')):.1f} | {rep.get('sampled_acc', float('nan')):.3f} | "
+                     f"{prof.get('share_below_0.1', float('nan')):.3f} | {prof.get('top20_mass', float('nan')):.3f} | "
+                     f"{clips or '-'} |")
+    return "\n".join(lines)
+
+
+def reproduce_table(rows: list[dict]) -> str:
+    lines = ["| cell | step | recorded acc | rerun acc | equal |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {label(r['method'])} s{r['seed']} | {r['step']} | {r['recorded']:.4f} | {r['rerun']:.4f} | "
+                     f"{'yes' if r['recorded'] == r['rerun'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def write_report(path: str, fast_runs: list[dict], verl_runs: list[dict], plot_paths: list[str], header: str,
-                 last: int = 3, warmups: list[dict] | None = None) -> str:
+                 last: int = 3, warmups: list[dict] | None = None, task_reports: list[dict] | None = None,
+                 reproduced: list[dict] | None = None) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(path))) for p in plot_paths]
     parts = [header, "", "## Fast mode (plugin code paths, one process)", "",
@@ -284,7 +428,23 @@ def write_report(path: str, fast_runs: list[dict], verl_runs: list[dict], plot_p
              "generates more per step. Entropy and response length are those of the training samples (means over the first "
              "and last 10% of steps).", "", fast_table(fast_runs, last) if fast_runs else "(no fast-mode run)", "",
              "### Paired differences (same seed = same checkpoint, same prompt stream)", "",
-             paired_table(fast_runs, last) if fast_runs else "", ""]
+             "A − B per seed, then the mean with its 95% t interval over seeds. With 3-5 seeds an interval is wide: "
+             "a difference whose interval contains 0 is not shown by these data, whatever its mean.", "",
+             paired_table(fast_runs, last) if fast_runs else "", "",
+             "### Verdicts (generated from the intervals above)", "", verdicts(fast_runs, last) if fast_runs else "",
+             "", "### Component activity (means over steps and seeds)", "",
+             "Clip fractions: the loss's own (`pg_clipfrac`), and the share of tokens outside the method's nominal "
+             "range [1 − clip_low, 1 + clip_high] in the direction PPO clips, split by old-policy entropy (top 20% of "
+             "each step's tokens vs the rest; for verl's vanilla loss, exactly the tokens it clips). Temperatures: of "
+             "the sampled tokens. DS kept groups: the share of the step's prompt target filled with groups of mixed "
+             "rewards. The method's own metrics are those its loss or selection step logs.", "",
+             activity_table(fast_runs) if fast_runs else "", ""]
+    if task_reports:
+        parts += ["### The task at the start of RL (`--task-report`, each seed's warm-up checkpoint)", "",
+                  task_table(task_reports), ""]
+    if reproduced:
+        parts += ["### Reproducibility (`--reproduce`: each cell's first evaluation interval rerun)", "",
+                  reproduce_table(reproduced), ""]
     if warmups:
         parts += ["### Warm-up checkpoints", "", "| seed | SFT steps | seconds | check acc (greedy, 300 prompts) | "
                   "reached target |", "|---|---|---|---|---|"]

@@ -121,7 +121,7 @@ def measure(model_dir: str, task, seed: int, rl, candidates=DEFAULT_CANDIDATES, 
             sample_prompts: int = 64, log=print) -> dict:
     """The report of one seed's checkpoint (see the module docstring); ``rl`` gives the settings a candidate does
     not change (prompts per step, n, micro-batch, threads)."""
-    from hapo_verl.bench_learning.fast import METHODS, FastRun, generate, greedy_accuracy, prompt_tensor, \
+    from hapo_verl.bench_learning.fast import FastRun, fast_settings, generate, greedy_accuracy, prompt_tensor, \
         score_responses
     from hapo_verl.tinyworld.tasks import family
 
@@ -159,7 +159,7 @@ def measure(model_dir: str, task, seed: int, rl, candidates=DEFAULT_CANDIDATES, 
                       steps=rl_steps)
         torch.manual_seed(seed)
         _, fresh = _load(model_dir)
-        run = FastRun(fresh, codec, METHODS["grpo"], cfg, seed)
+        run = FastRun(fresh, codec, fast_settings("grpo"), cfg, seed)
         steps = []
         for _ in range(rl_steps):
             wall, cpu = time.time(), time.process_time()

@@ -1,7 +1,7 @@
 """``--engine verl``: the benchmark's configurations through verl's real trainer on CPU (Ray, FSDP2, hfcpu).
 
 Each run is a subprocess ``python -m hapo_verl.bench_learning.verl_mode ...`` (verl resolves its platform
-once per process and starts its own Ray cluster), which composes ``hapo_verl/conf/{hapo,dapo}.yaml`` with
+once per process and starts its own Ray cluster), which composes the method's config of ``hapo_verl/conf`` with
 :func:`hapo_verl.launcher.compose` and runs :func:`hapo_verl.launcher.run`, like ``hapo-verl tiny``, but on the
 benchmark's warmed-up checkpoint (the same start as the fast mode), its parquet files (training prompts in the
 fast mode's order, ``data.shuffle=False``; the held-out prompts as validation set) and its task's reward function
@@ -19,30 +19,11 @@ import time
 
 from hapo_verl.tinyworld.tasks import family
 
-#: per method: the packaged config and the overrides that turn it into the benchmark's configuration
-def _registered_verl_methods() -> dict[str, tuple[str, list[str]]]:
-    """Each registered algorithm's packaged config; a ``<name>_ref`` variant where its sampling options have the
-    fork-compatibility switch (as the fast mode's methods)."""
-    from dataclasses import fields
+from hapo_verl.bench_learning.methods import DAPO_REWARD, methods
 
-    from hapo_verl import registry
-
-    methods = {}
-    for spec in registry.specs():
-        methods[spec.name] = (spec.name, [])
-        if spec.sampling_options is not None and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
-            methods[f"{spec.name}_ref"] = (spec.name, [f"{spec.name}.reference_compat=true"])
-    return methods
-
-
-VERL_METHODS = {
-    "grpo": ("dapo", ["algorithm.filter_groups.enable=false",
-                      "reward.reward_kwargs.overlong_buffer_cfg.enable=false",
-                      "actor_rollout_ref.actor.clip_ratio_high=0.2",
-                      "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"]),
-    "dapo": ("dapo", ["algorithm.filter_groups.metric=acc"]),
-    **_registered_verl_methods(),
-}
+#: per method: the packaged config and the overrides that turn it into the benchmark's configuration (the fast
+#: engine's methods, :mod:`hapo_verl.bench_learning.methods`)
+VERL_METHODS = methods()
 
 
 def verl_overrides(method: str, task, model_dir: str, train_file: str, val_file: str, steps: int,
@@ -81,8 +62,8 @@ def verl_overrides(method: str, task, model_dir: str, train_file: str, val_file:
         "trainer.project_name=hapo_bench_learning",
         f"trainer.experiment_name={method}",
     ]
-    if config_name == "dapo":
-        overrides += [f"reward.reward_kwargs.overlong_buffer_cfg.len={task.overlong_buffer}"]
+    if config_name == "dapo" or DAPO_REWARD[0] in extra:  # DAPO's overlong shaping, at the task's length
+        return config_name, overrides + extra + [f"reward.reward_kwargs.overlong_buffer_cfg.len={task.overlong_buffer}"]
     return config_name, overrides + extra
 
 
