@@ -104,9 +104,14 @@ def test_bench_learning_report_goes_under_runs_and_never_into_docs_by_default(tm
     args = parser.parse_args(["--report", "docs/results.md"])
     with pytest.raises(SystemExit):
         bl.report_path(args, parser)
+    args = parser.parse_args(["--report", "docs/results_addition.md"])
+    with pytest.raises(SystemExit):
+        bl.report_path(args, parser)
+    # each task with a committed report has its own: Countdown's is docs/results.md
+    args = parser.parse_args(["--update-docs", "--task", "countdown"])
+    assert bl.report_path(args, parser) == os.path.join(bl.DOCS, "results.md")
     args = parser.parse_args(["--update-docs"])
-    assert bl.report_path(args, parser) == bl.DOCS_REPORT and bl.DOCS_REPORT.endswith(os.path.join("docs",
-                                                                                                   "results.md"))
+    assert bl.report_path(args, parser) == os.path.join(bl.DOCS, "results_addition.md")
 
 
 def test_train_help_example_passes_every_start_up_check():

@@ -213,9 +213,17 @@ def _pool(jobs):
     return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
 
 
-#: the committed report, rewritten only with ``--update-docs``
-DOCS_REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "docs", "results.md")
+#: the checkout's docs, where ``--update-docs`` (and only it) writes the committed reports
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
+#: the committed report of each task that has one (its plots, summary and records: the same name without .md)
+DOCS_REPORTS = {"countdown": "results.md", "addvar": "results_addition.md"}
+
+
+def docs_report(task_name: str, parser) -> str:
+    if task_name not in DOCS_REPORTS:
+        parser.error(f"--update-docs: --task {task_name} has no committed report (those that do: "
+                     f"{', '.join(DOCS_REPORTS)})")
+    return os.path.join(DOCS, DOCS_REPORTS[task_name])
 
 
 def default_out(task_name: str) -> str:
@@ -224,15 +232,16 @@ def default_out(task_name: str) -> str:
 
 
 def report_path(args, parser) -> str:
-    """Where the report goes: OUT/results.md by default; the committed docs/results.md only when asked for."""
+    """Where the report goes: OUT/results.md by default; the task's committed report in docs/ only when asked for."""
     if args.update_docs:
-        if args.report is not None and os.path.abspath(args.report) != DOCS_REPORT:
-            parser.error("--update-docs writes docs/results.md: drop --report")
-        if not os.path.isfile(DOCS_REPORT):
-            parser.error(f"--update-docs regenerates a checkout's docs/results.md; there is none at {DOCS_REPORT}")
-        return DOCS_REPORT
+        committed = docs_report(args.task, parser)
+        if args.report is not None and os.path.abspath(args.report) != committed:
+            parser.error(f"--update-docs writes {committed}: drop --report")
+        if not os.path.isfile(os.path.join(DOCS, "learning_benchmark.md")):
+            parser.error(f"--update-docs regenerates a checkout's committed report; there is no checkout at {DOCS}")
+        return committed
     report = os.path.abspath(args.report or os.path.join(args.out or default_out(args.task), "results.md"))
-    if os.path.basename(report) == "results.md" and os.path.basename(os.path.dirname(report)) == "docs":
+    if os.path.basename(os.path.dirname(report)) == "docs" and os.path.basename(report) in DOCS_REPORTS.values():
         parser.error(f"--report {args.report} would overwrite a committed report: add --update-docs to regenerate "
                      "it, or write elsewhere (default OUT/results.md)")
     return report
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     task, rl, warm, cells, seeds, methods, verl_methods, verl_seeds, verl_steps = _settings(args)
     fast_dir, verl_dir = os.path.join(args.out, "fast"), os.path.join(args.out, "verl")
     os.makedirs(fast_dir, exist_ok=True)
-    plots_dir = args.plots or os.path.join(os.path.dirname(os.path.abspath(args.report)), "results")
+    plots_dir = args.plots or os.path.splitext(os.path.abspath(args.report))[0]
     t0 = time.time()
     warmups = {}
     if not args.report_only:

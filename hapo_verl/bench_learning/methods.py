@@ -39,8 +39,8 @@ VARIANTS = {
 }
 
 LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO", "hapo_ds": "HAPO + dynamic sampling",
-          "hapo_no_ats": "HAPO − ATS", "hapo_no_tlga": "HAPO − TLGA", "hapo_no_dar": "HAPO − DAR",
-          "hapo_no_aac": "HAPO − AAC", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+          "hapo_no_ats": "HAPO w/o ATS", "hapo_no_tlga": "HAPO w/o TLGA", "hapo_no_dar": "HAPO w/o DAR",
+          "hapo_no_aac": "HAPO w/o AAC", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
 
 
 def methods() -> dict[str, tuple[str, list[str]]]:

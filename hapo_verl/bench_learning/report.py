@@ -229,7 +229,7 @@ def _mean_key(history, key):
 #: the activity columns every method has
 ACTIVITY = [("pg_clipfrac", "loss clip fraction"), ("clipfrac_high_entropy", "clip frac., top-20% H tokens"),
             ("clipfrac_low_entropy", "clip frac., other tokens"), ("temperature_mean", "temperature mean"),
-            ("temperature_std", "temperature sd"), ("kept_group_frac", "DS kept groups")]
+            ("temperature_std", "temperature sd"), ("gen_batches", "generation batches / step")]
 #: the method's own metrics shown per method (logged by its loss or selection step), by key suffix
 OWN_METRICS = ("amplified_frac", "attenuated_frac", "clip_lower_bound_mean", "clip_upper_bound_mean", "clip_low",
                "clip_high", "spurious_frac", "candidate_frac", "selected_frac", "kept_sample_fraction",
@@ -314,17 +314,35 @@ def _smooth(x, k):
     return np.convolve(x, np.ones(k) / k, mode="valid")
 
 
-def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) -> list[str]:
+#: the figures' method groups, by file-name suffix: the paper's comparison; HAPO and its variants; every other
+#: method, with GRPO and DAPO as references
+BASELINES = ("grpo", "dapo")
+
+
+def figure_groups(methods) -> dict[str, list[str]]:
+    main = [m for m in ("grpo", "dapo", "hapo", "hapo_ds") if m in methods]
+    variants = [m for m in ordered(methods) if m.startswith("hapo")]
+    others = [m for m in ordered(methods) if m not in main and m not in variants]
+    groups = {"": main or ordered(methods)}
+    if len(variants) > 1 and set(variants) - set(main):
+        groups["_hapo_variants"] = variants
+    if others:
+        groups["_others"] = [m for m in BASELINES if m in methods] + others
+    return groups
+
+
+def _colors(methods) -> dict:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fixed = {"grpo": "tab:gray", "dapo": "tab:blue", "hapo": "tab:red", "hapo_ds": "tab:purple",
+             "hapo_ref": "tab:orange"}
+    cycle = [c for c in matplotlib.colormaps["tab20"].colors]
+    rest = [m for m in ordered(methods) if m not in fixed]
+    return {**fixed, **{m: cycle[i % len(cycle)] for i, m in enumerate(rest)}}
 
-    os.makedirs(plot_dir, exist_ok=True)
-    groups = _group(runs)
+
+def _group_plots(plt, groups, plot_dir, suffix, colors) -> list[str]:
     written = []
-    colors = {"grpo": "tab:gray", "dapo": "tab:blue", "hapo": "tab:red", "hapo_ref": "tab:orange"}
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, rs in groups.items():
         steps = [e["step"] for e in rs[0]["evals"]]
@@ -333,10 +351,13 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
         ax.plot(steps[:n], accs.mean(0), label=f"{label(method)} (n={len(rs)})", color=colors.get(method))
         ax.fill_between(steps[:n], accs.min(0), accs.max(0), alpha=0.15, color=colors.get(method))
     ax.set_xlabel("RL step"); ax.set_ylabel("greedy held-out accuracy"); ax.grid(alpha=0.3)
-    ax.set_title("Held-out accuracy (mean over seeds, band = min..max)"); ax.legend()
-    path = os.path.join(plot_dir, "accuracy.png"); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    ax.set_title("Held-out accuracy (mean over seeds, band = min..max)"); ax.legend(fontsize=7)
+    path = os.path.join(plot_dir, f"accuracy{suffix}.png"); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     written.append(path)
 
+    if suffix:
+        written += _series_plots(plt, groups, plot_dir, suffix, colors)
+        return written
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, rs in groups.items():
         for i, r in enumerate(rs):
@@ -353,6 +374,12 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
     plt.close(fig)
     written.append(path)
 
+    written += _series_plots(plt, groups, plot_dir, suffix, colors)
+    return written
+
+
+def _series_plots(plt, groups, plot_dir, suffix, colors) -> list[str]:
+    written = []
     for key, ylabel, name in [("entropy", "mean token entropy of samples (nats, T=1)", "entropy.png"),
                               ("response_length", "mean response length (tokens, incl. eos)", "response_length.png"),
                               ("score", "mean task reward of the training batch", "train_score.png")]:
@@ -367,9 +394,27 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
             ax.plot(np.arange(len(sm)) + k, sm, label=label(method), color=colors.get(method))
         ax.set_xlabel("RL step"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
         ax.set_title(f"{ylabel.split('(')[0].strip()} (mean over seeds, moving average)")
-        path = os.path.join(plot_dir, name); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+        path = os.path.join(plot_dir, name.replace(".png", f"{suffix}.png")); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
         written.append(path)
+    return written
 
+
+def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) -> list[str]:
+    """The curves, one set per method group (:func:`figure_groups`): accuracy{suffix}.png, entropy{suffix}.png,
+    response_length{suffix}.png, train_score{suffix}.png; accuracy_vs_samples.png for the first group; and
+    verl_vs_fast.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    all_groups = _group(runs)
+    written = []
+    colors = _colors(all_groups)
+    for suffix, members in figure_groups(all_groups).items():
+        groups = {m: all_groups[m] for m in members}
+        written += _group_plots(plt, groups, plot_dir, suffix, colors)
     if verl_runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         fast = {(r["method"], r["seed"]): r for r in runs}
@@ -395,15 +440,34 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
 
 def task_table(reports: list[dict]) -> str:
     """The task as the warmed-up policies see it (``--task-report``): per seed."""
-    lines = ["| seed | greedy held-out acc | sampled length | sampled acc | share of tokens with H < 0.1 | "
-             "entropy mass of the top 20% | vanilla PPO clip fraction (setting) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| seed | greedy held-out acc | sampled (T=1) length | sampled acc | share of tokens with H < 0.1 | "
+             "entropy mass of the top 20% | vanilla PPO clip fraction (setting, steps) |", "|---|---|---|---|---|---|---|"]
     for rep in reports:
-        prof = rep.get("entropy", {})
-        clips = "; ".join(f"{c['clip_fraction']:.4f} ({c['setting']})" for c in rep.get("calibration", []))
-        lines.append(f"| {rep['seed']} | {rep.get('heldout_acc', float('nan')):.3f} | "
-                     f"{rep.get('sampled_length', float('nan')):.1f} | {rep.get('sampled_acc', float('nan')):.3f} | "
+        sampled = rep.get("sampled", {})
+        prof = sampled.get("entropy", {})
+        clips = "; ".join(f"{c['pg_clipfrac']:.4f} ({c['label']}, {c['steps']})" for c in rep.get("clip", []))
+        lines.append(f"| {rep['seed']} | {rep.get('heldout_greedy_accuracy', float('nan')):.3f} | "
+                     f"{sampled.get('mean_length', float('nan')):.1f} | {sampled.get('accuracy', float('nan')):.3f} | "
                      f"{prof.get('share_below_0.1', float('nan')):.3f} | {prof.get('top20_mass', float('nan')):.3f} | "
                      f"{clips or '-'} |")
+    return "\n".join(lines)
+
+
+def settings_table(runs: list[dict]) -> str:
+    """What each method ran: its config and overrides, as read from its composed config."""
+    lines = ["| method | config + overrides | estimator | loss | clip low / high | aggregation | dynamic sampling | "
+             "overlong shaping | adaptive temperature (τ) | selection | not applied by the fast engine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, rs in _group(runs).items():
+        c = rs[0].get("method_config") or {}
+        if "config" not in c:
+            continue
+        overrides = " ".join(f"`{o}`" for o in c["overrides"])
+        temp = f"yes ({c['temperature_tau']})" if c["adaptive_temperature"] else "no"
+        lines.append(f"| {label(method)} | `{c['config']}` {overrides} | {c['estimator']} | {c['loss_mode']} | "
+                     f"{c['clip_low']} / {c['clip_high']} | {c['loss_agg_mode']} | {'yes' if c['dynamic_sampling'] else 'no'} | "
+                     f"{'yes' if c['overlong_shaping'] else 'no'} | {temp} | {', '.join(c['selections']) or '-'} | "
+                     f"{'; '.join(c['not_applied']) or '-'} |")
     return "\n".join(lines)
 
 
@@ -436,9 +500,14 @@ def write_report(path: str, fast_runs: list[dict], verl_runs: list[dict], plot_p
              "Clip fractions: the loss's own (`pg_clipfrac`), and the share of tokens outside the method's nominal "
              "range [1 − clip_low, 1 + clip_high] in the direction PPO clips, split by old-policy entropy (top 20% of "
              "each step's tokens vs the rest; for verl's vanilla loss, exactly the tokens it clips). Temperatures: of "
-             "the sampled tokens. DS kept groups: the share of the step's prompt target filled with groups of mixed "
-             "rewards. The method's own metrics are those its loss or selection step logs.", "",
-             activity_table(fast_runs) if fast_runs else "", ""]
+             "the sampled tokens. Generation batches: more than 1 with dynamic sampling, which refills the groups whose "
+             "rewards are all equal. The method's own metrics are those its loss or selection step logs.", "",
+             activity_table(fast_runs) if fast_runs else "", "",
+             "### What each method ran", "",
+             "Read from each method's composed config (`hapo_verl/bench_learning/methods.py`). Archer's KL loss and "
+             "HAEPO's entropy bonus need a reference model or an entropy term the fast engine does not have: they are "
+             "listed, not silently dropped. Overlong shaping uses the task's buffer (4 tokens on Countdown), whatever the "
+             "config's length.", "", settings_table(fast_runs) if fast_runs else "", ""]
     if task_reports:
         parts += ["### The task at the start of RL (`--task-report`, each seed's warm-up checkpoint)", "",
                   task_table(task_reports), ""]
