@@ -6,7 +6,8 @@
 * GRPO as verl users configure it (DAPO's config without dynamic sampling, clip-higher or overlong shaping);
 * ``<name>_ref`` for an algorithm whose sampling section has the fork-compatibility switch ``reference_compat``;
 * HAPO's variants: on DAPO's recipe (``hapo_ds``: dynamic sampling and overlong shaping, the paper's comparison) and
-  with each component off, as the ``*_hapo_no_*`` recipes (docs/recipes.md).
+  with each component off, as the ``*_hapo_no_*`` recipes (docs/recipes.md); and two readings the algorithm pages
+  ask to compare (GTPO's joint normalisation, GRPO-S with dynamic sampling).
 
 The fast engine reads what it needs from the composed config (:func:`fast_settings`) and the plugin's own
 :class:`~hapo_verl.trainer.hapo_trainer.StepPlan`, as the trainer does.
@@ -36,11 +37,16 @@ VARIANTS = {
     "hapo_no_tlga": ("hapo", ["algorithm.adv_estimator=grpo"]),
     "hapo_no_dar": ("hapo", ["actor_rollout_ref.actor.policy_loss.adaptive_advantage=false"]),
     "hapo_no_aac": ("hapo", ["actor_rollout_ref.actor.policy_loss.adaptive_clip=false"]),
+    # readings the docs ask to compare: GTPO's Eq. 4 whitening all tokens together (docs/gtpo.md, ambiguity 1), and
+    # GRPO-S without the groups whose rewards are all equal (which it gives entropy-only advantages)
+    "gtpo_joint": ("gtpo", ["algorithm.gtpo.normalization=joint"]),
+    "grpo_s_ds": ("grpo_s", ["algorithm.filter_groups.enable=true"]),
 }
 
 LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO", "hapo_ds": "HAPO + dynamic sampling",
           "hapo_no_ats": "HAPO w/o ATS", "hapo_no_tlga": "HAPO w/o TLGA", "hapo_no_dar": "HAPO w/o DAR",
-          "hapo_no_aac": "HAPO w/o AAC", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+          "hapo_no_aac": "HAPO w/o AAC",
+          "gtpo_joint": "GTPO (joint normalisation)", "grpo_s_ds": "GRPO-S + dynamic sampling", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
 
 
 def methods() -> dict[str, tuple[str, list[str]]]:

@@ -138,7 +138,7 @@ def _first_last(history, key) -> str:
 #: the comparisons the claims rest on (A, B): HAPO against the baselines, and each HAPO component
 CLAIM_PAIRS = [("hapo", "dapo"), ("hapo_ds", "dapo"), ("hapo", "grpo"), ("dapo", "grpo"), ("hapo_ds", "hapo"),
                ("hapo", "hapo_no_ats"), ("hapo", "hapo_no_tlga"), ("hapo", "hapo_no_dar"), ("hapo", "hapo_no_aac"),
-               ("hapo_ref", "hapo")]
+               ("hapo_ref", "hapo"), ("gtpo_joint", "gtpo"), ("grpo_s_ds", "grpo_s")]
 
 
 def pairs(methods) -> list[tuple[str, str]]:
