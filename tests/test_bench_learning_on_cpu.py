@@ -97,7 +97,12 @@ def test_quick_summary_and_records(quick_run):
     cells = summary["tasks"]["countdown"]["cells"]
     assert {c["method"] for c in cells} == set(QUICK_METHODS)
     for c in cells:
-        assert 0.0 <= c["end_acc"] <= 1.0 and c["samples_per_step"] >= 128 and c["mean_response_length"] > 10
+        assert 0.0 <= c["end_acc"] <= 1.0 and c["samples_per_step"] >= 128
+        # a step dynamic sampling skips (no group with mixed rewards, likely after a 30-step warm-up) has no length
+        if c["mean_response_length"] is None:
+            assert c["method"] == "dapo"
+        else:
+            assert c["mean_response_length"] > 10
         assert c["command"].startswith(f"hapo-verl bench-learning --task countdown --methods {c['method']} --seeds 0")
     with gzip.open(quick_run / "report" / "results" / "records_countdown.json.gz", "rt") as f:
         records = json.load(f)

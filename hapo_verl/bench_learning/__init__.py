@@ -272,7 +272,7 @@ def _task_report(args, task, rl, warmups: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.out = args.out or default_out(args.task)
+    args.out = os.path.abspath(args.out or default_out(args.task))  # the verl runs work in their own directory
     if args.digits is not None and args.task not in ("add", "addvar"):
         parser.error(f"--digits is a reversed-addition option; --task {args.task} has none")
     args.report = report_path(args, parser)
