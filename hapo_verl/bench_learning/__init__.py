@@ -384,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     ])
     pngs = report.plots(fast_runs, plots_dir, verl_runs) if fast_runs else []
     task_reports = _load_json(os.path.join(args.out, f"task_report_{args.task}.json"))
+    findings = os.path.join(plots_dir, "findings.md")  # written by hand from the records, kept across regenerations
     report.write_report(args.report, fast_runs, verl_runs, pngs, header, warmups=warm_list,
-                        task_reports=task_reports, reproduced=_load_json(os.path.join(args.out, "reproduce.json")))
+                        task_reports=task_reports, reproduced=_load_json(os.path.join(args.out, "reproduce.json")),
+                        findings=open(findings).read() if os.path.isfile(findings) else None)
     if fast_runs:
         os.makedirs(plots_dir, exist_ok=True)
         with open(os.path.join(plots_dir, "summary.json"), "w") as f:

@@ -481,10 +481,14 @@ def reproduce_table(rows: list[dict]) -> str:
 
 def write_report(path: str, fast_runs: list[dict], verl_runs: list[dict], plot_paths: list[str], header: str,
                  last: int = 3, warmups: list[dict] | None = None, task_reports: list[dict] | None = None,
-                 reproduced: list[dict] | None = None) -> str:
+                 reproduced: list[dict] | None = None, findings: str | None = None) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(path))) for p in plot_paths]
-    parts = [header, "", "## Fast mode (plugin code paths, one process)", "",
+    parts = [header, ""]
+    if findings:
+        parts += ["## Findings (written by hand from the records below: `findings.md` beside the plots)", "",
+                  findings.strip(), ""]
+    parts += ["## Fast mode (plugin code paths, one process)", "",
              f"End accuracy = mean of the last {last} evaluations of each seed; ± is the sample standard deviation "
              "over seeds. AUC = time-averaged held-out accuracy over the run (trapezoid over the evaluations, step 0 "
              "included). Accuracy at equal sample budget: the last evaluation reached before the method had generated "
