@@ -25,7 +25,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hapo-verl bench-learning", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke check: one seed, a few steps, tiny warm-up")
+    p.add_argument("--quick", action="store_true", help="smoke check: one seed, 4 steps of 8 prompts, 50 held-out prompts, a 30-step warm-up")
     p.add_argument("--engine", choices=["fast", "verl", "both"], default="fast")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     from hapo_verl.bench_learning.fast import METHOD_NAMES
@@ -98,6 +98,8 @@ TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 5e-5, "prompts": 16, "mi
 
 #: ``--quick``'s methods: the baselines, HAPO, one loss with the mini-batch pass and one selection step
 QUICK_METHODS = ("grpo", "dapo", "hapo", "bapo", "d3s")
+#: ``--quick``'s settings, whatever the task: a smoke check of every code path, not a measurement
+QUICK = {"prompts": 8, "mini_batches": 2, "epochs": 1, "steps": 4, "eval_every": 2}
 #: the grid's seeds: SEEDS_MAIN for the methods of the paper's comparison, SEEDS for every other
 MAIN_METHODS = ("grpo", "dapo", "hapo", "hapo_ds")
 SEEDS_MAIN, SEEDS = 5, 3
@@ -113,16 +115,16 @@ def _settings(args):
     from hapo_verl.tinyworld.tasks import make_task
 
     q = args.quick
-    d = task_defaults(args.task)
-    options = {"num_heldout": args.heldout or (100 if q else 500)}
+    d = {**task_defaults(args.task), **(QUICK if q else {})}
+    options = {"num_heldout": args.heldout or (50 if q else 500)}
     if args.task in ("add", "addvar"):
         options["digits"] = 3 if args.digits is None else args.digits
     task = make_task(args.task, **options)
-    steps = args.steps or (6 if q else d["steps"])
+    steps = args.steps or d["steps"]
     pick = lambda value, key: d[key] if value is None else value  # noqa: E731
     rl = RLConfig(steps=steps, lr=pick(args.lr, "lr"), prompts_per_step=pick(args.prompts, "prompts"),
                   ppo_mini_batches=pick(args.mini_batches, "mini_batches"), ppo_epochs=pick(args.epochs, "epochs"),
-                  eval_every=args.eval_every or (3 if q else d["eval_every"]), threads=args.threads)
+                  eval_every=args.eval_every or d["eval_every"], threads=args.threads)
     warm = WarmupSettings(target_accuracy=pick(args.target_acc, "target_acc"),
                           max_steps=30 if q else d["warmup_max_steps"])
     from hapo_verl.bench_learning.fast import METHOD_NAMES

@@ -1,23 +1,23 @@
 """Fast mode of the learning benchmark: one process, the plugin's own code paths, no Ray.
 
-Per RL step (one method, one seed):
+A method is a config of ``hapo_verl/conf`` plus overrides (:mod:`hapo_verl.bench_learning.methods`); what it does
+is read from the composed config through the trainer's ``StepPlan``. Per RL step (one method, one seed):
 
-1. sample ``prompts_per_step`` training problems, ``n`` responses each (KV-cache decoding of the HF model;
-   HAPO: per-token temperature ``T * f`` with ``f`` from :func:`temperature_factor_from_entropy` and the previous
-   step's entropy statistics, the rule of the ``hfcpu`` rollout; the behaviour log-prob is that of the sampled
-   temperature and the training log-prob uses the same per-token temperature);
-2. rewards (task reward, + DAPO's overlong shaping), verl token-level rewards on the last response token;
-3. DAPO: dynamic sampling, groups whose rewards have zero variance are dropped and refilled with new
-   generation batches (at most ``max_gen_batches``), as verl's ``algorithm.filter_groups``;
-4. the batch statistics of the method's algorithm (its spec's hook, over the whole batch, as the trainer), and
+1. sample ``prompts_per_step`` training problems, ``n`` responses each (KV-cache decoding of the HF model; with
+   adaptive temperature: per-token temperature ``T * f`` with ``f`` from :func:`temperature_factor_from_entropy`
+   and the previous step's entropy statistics, the rule of the ``hfcpu`` rollout; the behaviour log-prob is that of
+   the sampled temperature and the training log-prob uses the same per-token temperature);
+2. rewards (task reward, + DAPO's overlong shaping when the config has DAPO's reward), verl token-level rewards on
+   the last response token;
+3. with ``algorithm.filter_groups.enable``: dynamic sampling, groups whose rewards have zero variance are dropped and
+   refilled with new generation batches (at most ``max_gen_batches``);
+4. the batch statistics of the method's algorithms (their specs' hooks, over the whole batch, as the trainer), and
    advantages through verl's estimator registry (``get_adv_estimator_fn``) with what the estimator's spec needs;
-5. ``ppo_epochs`` x ``ppo_mini_batches`` optimizer steps (AdamW, grad clip 1.0) with verl's
-   ``compute_policy_loss_vanilla`` (``get_policy_loss_fn("vanilla")``) or any registered loss
-   (:func:`hapo_verl.compute_policy_loss`); aggregation as verl's global batch (the loss of every micro-batch is
-   weighted by its share of the mini-batch, as ``global_batch_info``).
-
-The methods are verl's GRPO and DAPO plus one per registered algorithm (:func:`registered_methods`), and a
-``<name>_ref`` variant for an algorithm whose sampling options have a ``reference_compat`` switch.
+5. the enabled selection steps (D³S) on the whole batch: the update learns from the kept tokens;
+6. ``ppo_epochs`` x ``ppo_mini_batches`` optimizer steps (AdamW, grad clip 1.0) with verl's own loss (vanilla,
+   clip_cov, kl_cov) or the registered one, after the mini-batch pass for a loss that needs it; aggregation as
+   verl's global batch (the loss of every micro-batch is weighted by its share of the mini-batch, as
+   ``global_batch_info``).
 
 Every ``eval_every`` steps: greedy accuracy on the fixed held-out prompts.
 
