@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from hapo_verl import registry
 from hapo_verl.bench_learning import MAIN_METHODS, SEEDS, SEEDS_MAIN, _parser, _settings
-from hapo_verl.bench_learning.methods import VARIANTS, fast_settings, methods
+from hapo_verl.bench_learning.methods import EXTRA, VARIANTS, fast_settings, methods
 from hapo_verl.conf import config_names
 from hapo_verl.launcher import compose
 
@@ -35,9 +35,9 @@ def _flat(config) -> dict:
     return out
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted({**VARIANTS, **EXTRA}))
 def test_variants_differ_from_their_config_only_in_their_keys(variant):
-    config_name, overrides = VARIANTS[variant]
+    config_name, overrides = {**VARIANTS, **EXTRA}[variant]
     base = _flat(compose(config_name, []))
     changed = _flat(compose(config_name, overrides))
     differing = {k for k in set(base) | set(changed) if base.get(k) != changed.get(k)}
@@ -71,6 +71,7 @@ def test_the_grid_has_more_seeds_for_the_papers_comparison():
     args = _parser().parse_args(["--task", "countdown"])
     args.out = "unused"
     _, _, _, cells, seeds, method_names, *_ = _settings(args)
+    assert not set(EXTRA) & set(method_names)  # the extra readings run on request only
     per_method = {m: sorted(s for mm, s in cells if mm == m) for m in method_names}
     assert all(per_method[m] == list(range(SEEDS_MAIN)) for m in MAIN_METHODS)
     assert all(per_method[m] == list(range(SEEDS)) for m in method_names if m not in MAIN_METHODS)

@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES,
                    help="fast-mode methods (hapo_verl/bench_learning/methods.py: one per config of hapo_verl/conf, "
-                        "GRPO, HAPO's variants; default: all; --quick: grpo dapo hapo bapo d3s)")
+                        "GRPO, HAPO's variants, the extra readings gtpo_joint and grpo_s_ds; default: all but the "
+                        "extra readings; --quick: grpo dapo hapo bapo d3s)")
     p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS))
     p.add_argument("--verl-seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None,
@@ -127,9 +128,9 @@ def _settings(args):
                   eval_every=args.eval_every or d["eval_every"], threads=args.threads)
     warm = WarmupSettings(target_accuracy=pick(args.target_acc, "target_acc"),
                           max_steps=30 if q else d["warmup_max_steps"])
-    from hapo_verl.bench_learning.fast import METHOD_NAMES
+    from hapo_verl.bench_learning.fast import GRID_METHODS
 
-    methods = args.methods or (list(QUICK_METHODS) if q else list(METHOD_NAMES))
+    methods = args.methods or (list(QUICK_METHODS) if q else list(GRID_METHODS))
     if args.seeds is not None:
         cells = [(m, s) for s in args.seeds for m in methods]
     elif q:

@@ -39,9 +39,11 @@ import torch
 from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY
 from hapo_verl.tinyworld.tasks import family
 
-from hapo_verl.bench_learning.methods import FastSettings, fast_settings, methods
+from hapo_verl.bench_learning.methods import EXTRA, FastSettings, fast_settings, methods
 
 METHOD_NAMES = tuple(methods())
+#: the default grid: every method but the extra readings (run those with --methods)
+GRID_METHODS = tuple(m for m in METHOD_NAMES if m not in EXTRA)
 #: a token is "high-entropy" in the clip-fraction split when its old-policy entropy is in the step's top 20%
 HIGH_ENTROPY_QUANTILE = 0.8
 

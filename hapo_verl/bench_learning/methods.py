@@ -37,8 +37,12 @@ VARIANTS = {
     "hapo_no_tlga": ("hapo", ["algorithm.adv_estimator=grpo"]),
     "hapo_no_dar": ("hapo", ["actor_rollout_ref.actor.policy_loss.adaptive_advantage=false"]),
     "hapo_no_aac": ("hapo", ["actor_rollout_ref.actor.policy_loss.adaptive_clip=false"]),
-    # readings the docs ask to compare: GTPO's Eq. 4 whitening all tokens together (docs/gtpo.md, ambiguity 1), and
-    # GRPO-S without the groups whose rewards are all equal (which it gives entropy-only advantages)
+}
+
+#: readings the algorithm pages ask to compare, run on request (``--methods``), not in the default grid: GTPO's Eq. 4
+#: whitening all tokens together (docs/gtpo.md, ambiguity 1), and GRPO-S without the groups whose rewards are all
+#: equal (which it gives entropy-only advantages)
+EXTRA = {
     "gtpo_joint": ("gtpo", ["algorithm.gtpo.normalization=joint"]),
     "grpo_s_ds": ("grpo_s", ["algorithm.filter_groups.enable=true"]),
 }
@@ -59,6 +63,7 @@ def methods() -> dict[str, tuple[str, list[str]]]:
         if spec.sampling_options is not None and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
             found[f"{spec.name}_ref"] = (spec.name, [f"{spec.name}.reference_compat=true"])
     found.update(VARIANTS)
+    found.update(EXTRA)
     first = ["grpo", "dapo", "hapo", "hapo_ds", *[v for v in VARIANTS if v != "hapo_ds"], "hapo_ref"]
     ordered = {**BASELINES}
     ordered.update({name: found.pop(name) for name in first if name in found})
