@@ -438,37 +438,43 @@ def plots(runs: list[dict], plot_dir: str, verl_runs: list[dict] | None = None) 
     return written
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def task_table(reports: list[dict]) -> str:
     """The task as the warmed-up policies see it (``--task-report``): per seed."""
-    lines = ["| seed | greedy held-out acc | sampled (T=1) length | sampled acc | share of tokens with H < 0.1 | "
-             "entropy mass of the top 20% | vanilla PPO clip fraction (setting, steps) |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for rep in reports:
         sampled = rep.get("sampled", {})
         prof = sampled.get("entropy", {})
         clips = "; ".join(f"{c['pg_clipfrac']:.4f} ({c['label']}, {c['steps']})" for c in rep.get("clip", []))
-        lines.append(f"| {rep['seed']} | {rep.get('heldout_greedy_accuracy', float('nan')):.3f} | "
-                     f"{sampled.get('mean_length', float('nan')):.1f} | {sampled.get('accuracy', float('nan')):.3f} | "
-                     f"{prof.get('share_below_0.1', float('nan')):.3f} | {prof.get('top20_mass', float('nan')):.3f} | "
-                     f"{clips or '-'} |")
-    return "\n".join(lines)
+        rows.append([rep["seed"], f"{rep.get('heldout_greedy_accuracy', float('nan')):.3f}",
+                     f"{sampled.get('mean_length', float('nan')):.1f}", f"{sampled.get('accuracy', float('nan')):.3f}",
+                     f"{prof.get('share_below_0.1', float('nan')):.3f}", f"{prof.get('top20_mass', float('nan')):.3f}",
+                     clips or "-"])
+    return markdown_table(["seed", "greedy held-out acc", "sampled (T=1) length", "sampled acc",
+                           "share of tokens with H < 0.1", "entropy mass of the top 20%",
+                           "vanilla PPO clip fraction (setting, steps)"], rows)
 
 
 def settings_table(runs: list[dict]) -> str:
     """What each method ran: its config and overrides, as read from its composed config."""
-    lines = ["| method | config + overrides | estimator | loss | clip low / high | aggregation | dynamic sampling | "
-             "overlong shaping | adaptive temperature (τ) | selection | not applied by the fast engine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for method, rs in _group(runs).items():
         c = rs[0].get("method_config") or {}
         if "config" not in c:
             continue
-        overrides = " ".join(f"`{o}`" for o in c["overrides"])
-        temp = f"yes ({c['temperature_tau']})" if c["adaptive_temperature"] else "no"
-        lines.append(f"| {label(method)} | `{c['config']}` {overrides} | {c['estimator']} | {c['loss_mode']} | "
-                     f"{c['clip_low']} / {c['clip_high']} | {c['loss_agg_mode']} | {'yes' if c['dynamic_sampling'] else 'no'} | "
-                     f"{'yes' if c['overlong_shaping'] else 'no'} | {temp} | {', '.join(c['selections']) or '-'} | "
-                     f"{'; '.join(c['not_applied']) or '-'} |")
-    return "\n".join(lines)
+        yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+        rows.append([label(method), f"`{c['config']}` " + " ".join(f"`{o}`" for o in c["overrides"]), c["estimator"],
+                     c["loss_mode"], f"{c['clip_low']} / {c['clip_high']}", c["loss_agg_mode"],
+                     yes(c["dynamic_sampling"]), yes(c["overlong_shaping"]),
+                     f"yes ({c['temperature_tau']})" if c["adaptive_temperature"] else "no",
+                     ", ".join(c["selections"]) or "-", "; ".join(c["not_applied"]) or "-"])
+    return markdown_table(["method", "config + overrides", "estimator", "loss", "clip low / high", "aggregation",
+                           "dynamic sampling", "overlong shaping", "adaptive temperature (τ)", "selection",
+                           "not applied by the fast engine"], rows)
 
 
 def reproduce_table(rows: list[dict]) -> str:

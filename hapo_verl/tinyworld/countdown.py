@@ -40,6 +40,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
+from hapo_verl.tinyworld.problems import ExcludingSampler, distinct_draws
 from hapo_verl.tinyworld.world import CHAT_FRAME_TOKENS, ModelShape, prompt_ids, user_messages
 
 DATA_SOURCE = "hapo_bench_countdown"
@@ -250,31 +251,15 @@ def _draw(task: TaskConfig, rng: random.Random) -> Problem:
 
 
 def heldout_problems(task: TaskConfig) -> list[Problem]:
-    rng = random.Random(task.heldout_seed)
-    seen, out = set(), []
-    while len(out) < task.num_heldout:
-        p = _draw(task, rng)
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    return distinct_draws(lambda rng: _draw(task, rng), random.Random(task.heldout_seed), task.num_heldout)
 
 
-class ProblemSampler:
+class ProblemSampler(ExcludingSampler):
     """Training problems of one seed, never one of the held-out problems."""
 
     def __init__(self, task: TaskConfig, seed: int):
         self.task = task
-        self.rng = random.Random(seed * 7919 + 17)
-        self.excluded = set(heldout_problems(task))
-
-    def sample(self, n: int) -> list[Problem]:
-        out = []
-        while len(out) < n:
-            p = _draw(self.task, self.rng)
-            if p not in self.excluded:
-                out.append(p)
-        return out
+        super().__init__(lambda rng: _draw(task, rng), heldout_problems(task), seed)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:

@@ -27,6 +27,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
+from hapo_verl.tinyworld.problems import ExcludingSampler, distinct_draws
 from hapo_verl.tinyworld.world import CHAT_FRAME_TOKENS, ModelShape, prompt_ids, rl_row
 
 DATA_SOURCE = "hapo_bench_reversed_add"
@@ -93,34 +94,21 @@ def _operand(task: TaskConfig, rng: random.Random) -> int:
     return rng.randrange(low, 10 ** n)
 
 
+def _draw_pair(task: TaskConfig, rng: random.Random) -> tuple[int, int]:
+    return _operand(task, rng), _operand(task, rng)
+
+
 def heldout_problems(task: TaskConfig) -> list[tuple[int, int]]:
-    rng = random.Random(task.heldout_seed)
-    seen, out = set(), []
-    space = 10 ** (2 * task.digits)
-    limit = min(task.num_heldout, space // 4)
-    while len(out) < limit:
-        p = (_operand(task, rng), _operand(task, rng))
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    limit = min(task.num_heldout, 10 ** (2 * task.digits) // 4)
+    return distinct_draws(lambda rng: _draw_pair(task, rng), random.Random(task.heldout_seed), limit)
 
 
-class ProblemSampler:
+class ProblemSampler(ExcludingSampler):
     """Training problems of one seed, never one of the held-out problems."""
 
     def __init__(self, task: TaskConfig, seed: int):
         self.task = task
-        self.rng = random.Random(seed * 7919 + 17)
-        self.excluded = set(heldout_problems(task))
-
-    def sample(self, n: int) -> list[tuple[int, int]]:
-        out = []
-        while len(out) < n:
-            p = (_operand(self.task, self.rng), _operand(self.task, self.rng))
-            if p not in self.excluded:
-                out.append(p)
-        return out
+        super().__init__(lambda rng: _draw_pair(task, rng), heldout_problems(task), seed)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
