@@ -49,8 +49,8 @@ EXTRA = {
 
 LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO", "hapo_ds": "HAPO + dynamic sampling",
           "hapo_no_ats": "HAPO w/o ATS", "hapo_no_tlga": "HAPO w/o TLGA", "hapo_no_dar": "HAPO w/o DAR",
-          "hapo_no_aac": "HAPO w/o AAC",
-          "gtpo_joint": "GTPO (joint normalisation)", "grpo_s_ds": "GRPO-S + dynamic sampling", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+          "hapo_no_aac": "HAPO w/o AAC", "gtpo_joint": "GTPO (joint normalisation)",
+          "grpo_s_ds": "GRPO-S + dynamic sampling", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
 
 
 def methods() -> dict[str, tuple[str, list[str]]]:

@@ -269,8 +269,8 @@ def cell_command(run: dict) -> str:
 def summary(runs: list[dict], last: int = 3) -> dict:
     """The machine-readable summary: per task, method and seed."""
     tasks: dict = {}
-    for r in sorted(runs, key=lambda r: (r["task"]["kind"], ordered({x["method"] for x in runs}).index(r["method"]),
-                                         r["seed"])):
+    order = ordered({r["method"] for r in runs})
+    for r in sorted(runs, key=lambda r: (r["task"]["kind"], order.index(r["method"]), r["seed"])):
         h = r["history"]
         tasks.setdefault(r["task"]["kind"], {"task": r["task"], "rl": r["rl"], "cells": []})["cells"].append({
             "method": r["method"], "seed": r["seed"], "start_acc": r["evals"][0]["acc"],
