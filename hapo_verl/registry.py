@@ -239,6 +239,18 @@ class Gathered:
     values: Any
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A reading of an algorithm that its docs page compares with the algorithm as configured: its config plus
+    Hydra overrides. The learning benchmark runs it on request as ``<algorithm>_<name>``, titled
+    ``<title> (<variant title>)``, and pairs it with the algorithm."""
+
+    name: str
+    title: str
+    overrides: tuple[str, ...]
+    why: str = ""
+
+
 # ------------------------------------------------------------------------------------------------ the spec
 @dataclass(frozen=True)
 class AlgorithmSpec:
@@ -282,6 +294,7 @@ class AlgorithmSpec:
         selection_options: dataclass of the step's keys (``algorithm.<name>.*``); its bool field ``enable``
             (default false) switches the step on.
         selection_needs: like ``loss_needs``, for the selection step (computed on the driver).
+        variants: :class:`Variant` readings the algorithm's page compares with it (benchmarked on request).
     """
 
     name: str
@@ -307,6 +320,7 @@ class AlgorithmSpec:
     selection: Callable | None = None
     selection_options: type | None = None
     selection_needs: Callable | frozenset = frozenset()
+    variants: tuple[Variant, ...] = ()
     module: str = ""
 
     def needs_of_loss(self, options) -> frozenset:
@@ -449,7 +463,7 @@ def selection_specs() -> dict[str, AlgorithmSpec]:
 
 __all__ = [
     "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "Gathered", "LossInputs", "MINIBATCH_STATS",
-    "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "algorithm", "describe_range", "discover",
+    "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "Variant", "algorithm", "describe_range", "discover",
     "batch_stats_hooks", "estimator_specs", "get", "load_options", "rollout_stats_spec", "loss_specs", "option", "option_defaults", "register_algorithm",
     "specs", "validate_options",
 ]

@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from hapo_verl import registry
-from hapo_verl.bench_learning import MAIN_METHODS, SEEDS, SEEDS_MAIN, _parser, _settings
-from hapo_verl.bench_learning.methods import EXTRA, VARIANTS, fast_settings, methods
+from hapo_verl.bench_learning import MAIN_METHODS, SEEDS, SEEDS_MAIN, _parser, _settings, quick_methods
+from hapo_verl.bench_learning.methods import VARIANTS, fast_settings, label, methods, spec_variants
 from hapo_verl.conf import config_names
 from hapo_verl.launcher import compose
 
@@ -35,9 +35,9 @@ def _flat(config) -> dict:
     return out
 
 
-@pytest.mark.parametrize("variant", sorted({**VARIANTS, **EXTRA}))
+@pytest.mark.parametrize("variant", sorted({**VARIANTS, **spec_variants()}))
 def test_variants_differ_from_their_config_only_in_their_keys(variant):
-    config_name, overrides = {**VARIANTS, **EXTRA}[variant]
+    config_name, overrides = methods()[variant]
     base = _flat(compose(config_name, []))
     changed = _flat(compose(config_name, overrides))
     differing = {k for k in set(base) | set(changed) if base.get(k) != changed.get(k)}
@@ -71,9 +71,24 @@ def test_the_grid_has_more_seeds_for_the_papers_comparison():
     args = _parser().parse_args(["--task", "countdown"])
     args.out = "unused"
     _, _, _, cells, seeds, method_names, *_ = _settings(args)
-    assert not set(EXTRA) & set(method_names)  # the extra readings run on request only
+    assert not set(spec_variants()) & set(method_names)  # the algorithms' variants run on request only
     per_method = {m: sorted(s for mm, s in cells if mm == m) for m in method_names}
     assert all(per_method[m] == list(range(SEEDS_MAIN)) for m in MAIN_METHODS)
     assert all(per_method[m] == list(range(SEEDS)) for m in method_names if m not in MAIN_METHODS)
     assert len(cells) == SEEDS_MAIN * len(MAIN_METHODS) + SEEDS * (len(method_names) - len(MAIN_METHODS))
     assert isinstance(args, argparse.Namespace) and seeds == list(range(SEEDS_MAIN))
+
+
+def test_an_algorithms_declared_variant_is_a_method_run_on_request():
+    variants = spec_variants()
+    assert variants  # at least one algorithm declares a reading to compare
+    for name, (spec, variant) in variants.items():
+        assert name == f"{spec.name}_{variant.name}" and methods()[name] == (spec.name, list(variant.overrides))
+        assert label(name) == f"{spec.title} ({variant.title})"
+
+
+def test_quick_covers_the_fast_engines_code_paths():
+    quick = quick_methods()
+    assert quick[:3] == ["grpo", "dapo", "hapo"]
+    assert any(registry.get(m) is not None and registry.get(m).minibatch_stats is not None for m in quick)
+    assert any(registry.get(m) is not None and registry.get(m).selection is not None for m in quick)

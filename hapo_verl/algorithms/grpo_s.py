@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hapo_verl.algorithms.groups import group_sum, grpo_sequence_advantage, num_groups
-from hapo_verl.registry import OLD_ENTROPY, AdvantageInputs, algorithm, option
+from hapo_verl.registry import OLD_ENTROPY, AdvantageInputs, Variant, algorithm, option
 
 PAPER = "GRPO-S (Token and Sequence-Level Reward Shaping with Policy Entropy), arXiv 2508.04349 " \
         "(https://arxiv.org/abs/2508.04349)"
@@ -82,7 +82,10 @@ def grpo_s_shaped_rewards(
 @algorithm("advantage", name="grpo_s", title="GRPO-S", paper=PAPER,
            summary="GRPO on entropy-shaped sequence rewards: bonus to exploratory correct responses, extra "
                    "penalty to confident wrong ones.",
-           estimator_options=GRPOSOptions, estimator_needs=frozenset({OLD_ENTROPY}))
+           estimator_options=GRPOSOptions, estimator_needs=frozenset({OLD_ENTROPY}),
+           variants=(Variant("ds", "dynamic sampling", ("algorithm.filter_groups.enable=true",),
+                             why="without the groups whose rewards are all equal, which it gives entropy-only "
+                                 "advantages"),))
 def grpo_s_estimator(inputs: AdvantageInputs, options: GRPOSOptions):
     mask = inputs.response_mask
     scores = inputs.token_level_rewards.sum(-1)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from hapo_verl.algorithms.groups import equal_size_groups, num_groups
-from hapo_verl.registry import OLD_ENTROPY, AdvantageInputs, algorithm, option
+from hapo_verl.registry import OLD_ENTROPY, AdvantageInputs, Variant, algorithm, option
 
 PAPER = "GTPO and GRPO-S, arXiv 2508.04349 (https://arxiv.org/abs/2508.04349)"
 #: elements per block of rows in the streaming passes (1 MiB of float32 per temporary: a block's half-dozen
@@ -335,7 +335,9 @@ def gtpo_advantage(
 @algorithm("advantage", name="gtpo", title="GTPO", paper=PAPER,
            summary="Entropy-shaped token rewards: more credit to uncertain tokens of correct responses, more blame "
                    "to confident tokens of wrong ones; token-level advantages.",
-           estimator_options=GTPOOptions, estimator_needs=frozenset({OLD_ENTROPY}))
+           estimator_options=GTPOOptions, estimator_needs=frozenset({OLD_ENTROPY}),
+           variants=(Variant("joint", "joint normalisation", ("algorithm.gtpo.normalization=joint",),
+                             why="Eq. 4 whitening all tokens together (docs/gtpo.md, ambiguity 1)"),))
 def gtpo_estimator(inputs: AdvantageInputs, options: GTPOOptions):
     mask = inputs.response_mask
     scores = inputs.token_level_rewards.sum(-1)  # as verl's GRPO (rewards are 0 outside the mask)

@@ -1,8 +1,8 @@
 """``hapo-verl bench-learning``: does HAPO beat DAPO at small scale? A CPU learning benchmark over seeds.
 
-    hapo-verl bench-learning [--quick] [--engine fast|verl|both] [--seeds 0 1 2] [--methods grpo dapo hapo hapo_ref]
-                             [--steps N] [--verl-steps N] [--out DIR] [--report FILE | --update-docs] [--plots DIR]
-                             [--jobs J]
+    hapo-verl bench-learning [--quick] [--task TASK] [--methods METHOD ...] [--seeds N ...]
+                             [--engine fast|verl|both] [--out DIR] [--update-docs] [options]
+    hapo-verl bench-learning --list-methods
 
 Task, warm-up and modes: docs/learning_benchmark.md. Results: docs/results.md.
 """
@@ -24,65 +24,65 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hapo-verl bench-learning", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke check: one seed, 4 steps of 8 prompts, 50 held-out prompts, a 30-step warm-up")
+    p = argparse.ArgumentParser(
+        prog="hapo-verl bench-learning", description="Does HAPO beat DAPO at small scale? A CPU learning benchmark "
+        "over seeds, every registered method (docs/learning_benchmark.md; results: docs/results.md).",
+        usage="%(prog)s [--quick] [--task TASK] [--methods METHOD ...] [--seeds N ...]\n"
+              "                                [--engine fast|verl|both] [--out DIR] [--update-docs] [options]")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke check: seed 0, 4 steps of 8 prompts, 50 held-out prompts, a 30-step warm-up")
     p.add_argument("--engine", choices=["fast", "verl", "both"], default="fast")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N")
     from hapo_verl.bench_learning.fast import METHOD_NAMES
     from hapo_verl.bench_learning.verl_mode import VERL_METHODS
 
-    p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES,
-                   help="fast-mode methods (hapo_verl/bench_learning/methods.py: one per config of hapo_verl/conf, "
-                        "GRPO, HAPO's variants, the extra readings gtpo_joint and grpo_s_ds; default: all but the "
-                        "extra readings; --quick: grpo dapo hapo bapo d3s)")
-    p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS))
-    p.add_argument("--verl-seeds", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, default=None,
-                   help="fast-mode RL steps (default: the task's, addition 800, countdown 30; quick 6)")
-    p.add_argument("--verl-steps", type=int, default=None, help="verl-mode RL steps (default 40, quick 2)")
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES, metavar="METHOD",
+                   help="fast-mode methods (--list-methods; default: all but the algorithms' variants)")
+    p.add_argument("--list-methods", action="store_true", help="print every method: config, overrides, label")
+    p.add_argument("--verl-methods", nargs="+", default=None, choices=list(VERL_METHODS), metavar="METHOD")
+    p.add_argument("--verl-seeds", type=int, nargs="+", default=None, metavar="N")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="fast-mode RL steps (default: the task's, addition 800, countdown 30; quick 4)")
+    p.add_argument("--verl-steps", type=int, default=None, metavar="N", help="verl-mode RL steps (default 40, quick 2)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N")
     from hapo_verl.tinyworld.tasks import TASK_NAMES
 
     p.add_argument("--task", choices=TASK_NAMES, default="addvar",
                    help="addvar/add: reversed addition (kinds); countdown: Countdown puzzles, multi-line responses")
-    p.add_argument("--digits", type=int, default=None, help="reversed addition's operand digits (default 3)")
-    p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 500, quick 100)")
-    p.add_argument("--target-acc", type=float, default=None,
+    p.add_argument("--digits", type=int, default=None, metavar="N", help="reversed addition's operand digits (default 3)")
+    p.add_argument("--heldout", type=int, default=None, metavar="N", help="held-out prompts (default 500, quick 50)")
+    p.add_argument("--target-acc", type=float, default=None, metavar="ACC",
                    help="warm-up stops at this check accuracy (default: the task's, addition 0.15, countdown 0.3)")
     p.add_argument("--lr", type=float, default=None,
                    help="RL learning rate (default: the task's, addition 1e-4, countdown 5e-5)")
-    p.add_argument("--prompts", type=int, default=None,
+    p.add_argument("--prompts", type=int, default=None, metavar="N",
                    help="prompts per RL step, n=8 samples each (default: the task's, 16)")
-    p.add_argument("--mini-batches", type=int, default=None,
+    p.add_argument("--mini-batches", type=int, default=None, metavar="N",
                    help="PPO mini-batches per step (default: the task's, addition 2, countdown 4)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="PPO epochs per step (default: the task's, addition 1, countdown 2)")
     p.add_argument("--task-report", action="store_true",
-                   help="only measure the task on each seed's warm-up checkpoint (response length, accuracy, token "
-                        "entropy distribution, vanilla PPO clip fraction per --calibrate setting); writes "
-                        "OUT/task_report_<task>.{json,md}")
+                   help="only measure the task on each seed's warm-up checkpoint (length, accuracy, entropy, vanilla "
+                        "PPO clip fraction per --calibrate setting): OUT/task_report_<task>.{json,md}")
     p.add_argument("--calibrate", nargs="+", default=None, metavar="LR:MINI:EPOCHS",
                    help="--task-report: vanilla PPO settings to measure (default 1e-4:2:1 1e-4:2:2 1e-4:4:2)")
-    p.add_argument("--calibrate-steps", type=int, default=8, help="--task-report: RL steps per setting")
-    p.add_argument("--jobs", type=int, default=2, help="fast-mode runs in parallel (processes, 1 thread each)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--out", default=None,
-                   help="run records (default runs/bench_learning, for a task other than addvar "
-                        "runs/bench_learning_<task>)")
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/hapo_verl/bench_learning"),
+    p.add_argument("--calibrate-steps", type=int, default=8, metavar="N", help="--task-report: RL steps per setting")
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="fast-mode runs in parallel (processes, 1 thread each)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="run records (default runs/bench_learning, or runs/bench_learning_<task>)")
+    p.add_argument("--cache", default=os.path.expanduser("~/.cache/hapo_verl/bench_learning"), metavar="DIR",
                    help="warm-up checkpoints (one per task and seed)")
-    p.add_argument("--report", default=None,
+    p.add_argument("--report", default=None, metavar="FILE",
                    help="the Markdown report (default: OUT/results.md; docs/results.md only with --update-docs)")
     p.add_argument("--update-docs", action="store_true",
                    help="regenerate the committed report docs/results.md and its plots docs/results/")
-    p.add_argument("--plots", default=None, help="PNG directory (default: <report dir>/results)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="PNG directory (default: <report dir>/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing records")
     p.add_argument("--reproduce", action="store_true",
-                   help="rerun the first evaluation interval of every selected cell that has a record, compare its "
-                        "accuracy with the recorded one, and write OUT/reproduce.json (the report shows it)")
+                   help="rerun each recorded cell's first evaluation interval and compare: OUT/reproduce.json")
     p.add_argument("--force", action="store_true",
-                   help="re-run runs whose record exists (verl mode keeps the earlier metrics.jsonl and trainer.log "
-                        "beside the new ones, suffixed with the time)")
+                   help="re-run runs whose record exists (earlier records and logs are kept, suffixed with the time)")
     return p
 
 
@@ -97,8 +97,17 @@ TASK_DEFAULTS = {"countdown": {"target_acc": 0.3, "lr": 5e-5, "prompts": 16, "mi
                                "steps": 30, "eval_every": 5, "warmup_max_steps": 1500}}
 
 
-#: ``--quick``'s methods: the baselines, HAPO, one loss with the mini-batch pass and one selection step
-QUICK_METHODS = ("grpo", "dapo", "hapo", "bapo", "d3s")
+
+
+def quick_methods() -> list[str]:
+    """``--quick``'s methods: the baselines, HAPO, and the first registered algorithm with a mini-batch pass and the
+    first with a selection step (the fast engine's other code paths)."""
+    from hapo_verl import registry
+
+    first = lambda has: next((s.name for s in registry.specs() if has(s)), None)  # noqa: E731
+    extra = [first(lambda s: s.minibatch_stats is not None), first(lambda s: s.selection is not None)]
+    return ["grpo", "dapo", "hapo", *[m for m in extra if m]]
+
 #: ``--quick``'s settings, whatever the task: a smoke check of every code path, not a measurement
 QUICK = {"prompts": 8, "mini_batches": 2, "epochs": 1, "steps": 4, "eval_every": 2}
 #: the grid's seeds: SEEDS_MAIN for the methods of the paper's comparison, SEEDS for every other
@@ -130,7 +139,7 @@ def _settings(args):
                           max_steps=30 if q else d["warmup_max_steps"])
     from hapo_verl.bench_learning.fast import GRID_METHODS
 
-    methods = args.methods or (list(QUICK_METHODS) if q else list(GRID_METHODS))
+    methods = args.methods or (quick_methods() if q else list(GRID_METHODS))
     if args.seeds is not None:
         cells = [(m, s) for s in args.seeds for m in methods]
     elif q:
@@ -272,9 +281,21 @@ def _task_report(args, task, rl, warmups: dict) -> int:
     return 0
 
 
+def _list_methods() -> int:
+    from hapo_verl.bench_learning.fast import GRID_METHODS
+    from hapo_verl.bench_learning.methods import label, methods
+
+    for name, (config_name, overrides) in methods().items():
+        where = "" if name in GRID_METHODS else "  [on request]"
+        print(f"{name:<16} {label(name)}{where}\n{'':<16} --config {config_name} {' '.join(overrides)}".rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.list_methods:
+        return _list_methods()
     args.out = os.path.abspath(args.out or default_out(args.task))  # the verl runs work in their own directory
     if args.digits is not None and args.task not in ("add", "addvar"):
         parser.error(f"--digits is a reversed-addition option; --task {args.task} has none")

@@ -39,11 +39,11 @@ import torch
 from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY
 from hapo_verl.tinyworld.tasks import family
 
-from hapo_verl.bench_learning.methods import EXTRA, FastSettings, fast_settings, methods
+from hapo_verl.bench_learning.methods import FastSettings, fast_settings, grid_methods, methods
 
 METHOD_NAMES = tuple(methods())
-#: the default grid: every method but the extra readings (run those with --methods)
-GRID_METHODS = tuple(m for m in METHOD_NAMES if m not in EXTRA)
+#: the default grid: every method but the algorithms' variants (run those with --methods)
+GRID_METHODS = tuple(grid_methods())
 #: a token is "high-entropy" in the clip-fraction split when its old-policy entropy is in the step's top 20%
 HIGH_ENTROPY_QUANTILE = 0.8
 

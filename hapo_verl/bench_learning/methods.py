@@ -6,8 +6,8 @@
 * GRPO as verl users configure it (DAPO's config without dynamic sampling, clip-higher or overlong shaping);
 * ``<name>_ref`` for an algorithm whose sampling section has the fork-compatibility switch ``reference_compat``;
 * HAPO's variants: on DAPO's recipe (``hapo_ds``: dynamic sampling and overlong shaping, the paper's comparison) and
-  with each component off, as the ``*_hapo_no_*`` recipes (docs/recipes.md); and two readings the algorithm pages
-  ask to compare (GTPO's joint normalisation, GRPO-S with dynamic sampling).
+  with each component off, as the ``*_hapo_no_*`` recipes (docs/recipes.md);
+* each algorithm's declared :class:`~hapo_verl.registry.Variant` readings, run on request.
 
 The fast engine reads what it needs from the composed config (:func:`fast_settings`) and the plugin's own
 :class:`~hapo_verl.trainer.hapo_trainer.StepPlan`, as the trainer does.
@@ -39,18 +39,17 @@ VARIANTS = {
     "hapo_no_aac": ("hapo", ["actor_rollout_ref.actor.policy_loss.adaptive_clip=false"]),
 }
 
-#: readings the algorithm pages ask to compare, run on request (``--methods``), not in the default grid: GTPO's Eq. 4
-#: whitening all tokens together (docs/gtpo.md, ambiguity 1), and GRPO-S without the groups whose rewards are all
-#: equal (which it gives entropy-only advantages)
-EXTRA = {
-    "gtpo_joint": ("gtpo", ["algorithm.gtpo.normalization=joint"]),
-    "grpo_s_ds": ("grpo_s", ["algorithm.filter_groups.enable=true"]),
-}
-
 LABELS = {"grpo": "GRPO", "dapo": "DAPO", "hapo": "HAPO", "hapo_ds": "HAPO + dynamic sampling",
           "hapo_no_ats": "HAPO w/o ATS", "hapo_no_tlga": "HAPO w/o TLGA", "hapo_no_dar": "HAPO w/o DAR",
-          "hapo_no_aac": "HAPO w/o AAC", "gtpo_joint": "GTPO (joint normalisation)",
-          "grpo_s_ds": "GRPO-S + dynamic sampling", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+          "hapo_no_aac": "HAPO w/o AAC", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov"}
+
+
+def spec_variants() -> dict[str, tuple]:
+    """``<algorithm>_<variant>`` -> (spec, variant) for every :class:`~hapo_verl.registry.Variant` an algorithm
+    declares: readings its page compares, run on request (``--methods``), not in the default grid."""
+    from hapo_verl import registry
+
+    return {f"{spec.name}_{v.name}": (spec, v) for spec in registry.specs() for v in spec.variants}
 
 
 def methods() -> dict[str, tuple[str, list[str]]]:
@@ -63,7 +62,7 @@ def methods() -> dict[str, tuple[str, list[str]]]:
         if spec.sampling_options is not None and "reference_compat" in {f.name for f in fields(spec.sampling_options)}:
             found[f"{spec.name}_ref"] = (spec.name, [f"{spec.name}.reference_compat=true"])
     found.update(VARIANTS)
-    found.update(EXTRA)
+    found.update({name: (spec.name, list(v.overrides)) for name, (spec, v) in spec_variants().items()})
     first = ["grpo", "dapo", "hapo", "hapo_ds", *[v for v in VARIANTS if v != "hapo_ds"], "hapo_ref"]
     ordered = {**BASELINES}
     ordered.update({name: found.pop(name) for name in first if name in found})
@@ -71,12 +70,27 @@ def methods() -> dict[str, tuple[str, list[str]]]:
     return ordered
 
 
+def grid_methods() -> list[str]:
+    """The default grid: every method but the algorithms' variants (run on request)."""
+    return [m for m in methods() if m not in spec_variants()]
+
+
+def paired_with(method: str) -> str | None:
+    """The algorithm an algorithm's variant is compared with, else None."""
+    found = spec_variants().get(method)
+    return found[0].name if found else None
+
+
 def label(method: str) -> str:
-    """A method's label: the ones above, else the registered algorithm's title."""
+    """A method's label: the ones above, an algorithm's variant as ``<title> (<variant>)``, else the registered
+    algorithm's title."""
     if method in LABELS:
         return LABELS[method]
     from hapo_verl import registry
 
+    variant = spec_variants().get(method)
+    if variant is not None:
+        return f"{variant[0].title} ({variant[1].title})"
     fork = method.endswith("_ref")
     spec = registry.get(method[: -len("_ref")] if fork else method)
     if spec is None:

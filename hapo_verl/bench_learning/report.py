@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hapo_verl.bench_learning.methods import label, methods as _methods
+from hapo_verl.bench_learning.methods import label, methods as _methods, paired_with
 
 #: t quantiles (0.975) for 95% confidence intervals over n - 1 degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -138,13 +138,15 @@ def _first_last(history, key) -> str:
 #: the comparisons the claims rest on (A, B): HAPO against the baselines, and each HAPO component
 CLAIM_PAIRS = [("hapo", "dapo"), ("hapo_ds", "dapo"), ("hapo", "grpo"), ("dapo", "grpo"), ("hapo_ds", "hapo"),
                ("hapo", "hapo_no_ats"), ("hapo", "hapo_no_tlga"), ("hapo", "hapo_no_dar"), ("hapo", "hapo_no_aac"),
-               ("hapo_ref", "hapo"), ("gtpo_joint", "gtpo"), ("grpo_s_ds", "grpo_s")]
+               ("hapo_ref", "hapo")]
 
 
 def pairs(methods) -> list[tuple[str, str]]:
-    """The claims' pairs, then every other method against GRPO and against DAPO."""
-    found = [(a, b) for a, b in CLAIM_PAIRS if a in methods and b in methods]
-    claimed = {m for pair in CLAIM_PAIRS for m in pair}
+    """The claims' pairs, each algorithm's variant against the algorithm, then every other method against GRPO and
+    against DAPO."""
+    claim_pairs = CLAIM_PAIRS + [(m, paired_with(m)) for m in ordered(methods) if paired_with(m)]
+    found = [(a, b) for a, b in claim_pairs if a in methods and b in methods]
+    claimed = {m for pair in claim_pairs for m in pair}
     for m in ordered(methods):
         if m not in claimed:
             found += [(m, base) for base in ("grpo", "dapo") if base in methods]
@@ -230,10 +232,15 @@ def _mean_key(history, key):
 ACTIVITY = [("pg_clipfrac", "loss clip fraction"), ("clipfrac_high_entropy", "clip frac., top-20% H tokens"),
             ("clipfrac_low_entropy", "clip frac., other tokens"), ("temperature_mean", "temperature mean"),
             ("temperature_std", "temperature sd"), ("gen_batches", "generation batches / step")]
-#: the method's own metrics shown per method (logged by its loss or selection step), by key suffix
-OWN_METRICS = ("amplified_frac", "attenuated_frac", "clip_lower_bound_mean", "clip_upper_bound_mean", "clip_low",
-               "clip_high", "spurious_frac", "candidate_frac", "selected_frac", "kept_sample_fraction",
-               "kept_token_fraction", "high_entropy_frac", "forking_frac", "entropy_clipfrac")
+
+
+def own_metric(key: str) -> str | None:
+    """The name shown for a metric an algorithm's loss or selection step logs under its own section
+    (``actor/<algorithm>/<name>`` or ``<algorithm>/<name>``), else None (verl's own, the engine's)."""
+    parts = key.split("/")
+    if parts[0] == "actor":
+        parts = parts[1:]
+    return "/".join(parts) if len(parts) == 2 else None
 
 
 def activity_table(runs: list[dict]) -> str:
@@ -249,10 +256,9 @@ def activity_table(runs: list[dict]) -> str:
         for r in rs:
             for h in r["history"]:
                 for k, v in h.items():
-                    if isinstance(v, (int, float)) and k.rsplit("/", 1)[-1] in OWN_METRICS and "/" in k:
-                        own.setdefault(k, []).append(v)
-        own_text = ", ".join(f"{k.split('/', 1)[1] if k.startswith('actor/') else k} {np.mean(v):.3f}"
-                             for k, v in sorted(own.items())) or "-"
+                    if isinstance(v, (int, float)) and own_metric(k):
+                        own.setdefault(own_metric(k), []).append(v)
+        own_text = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(own.items())) or "-"
         lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {own_text} |")
     return "\n".join(lines)
 
@@ -514,9 +520,9 @@ def write_report(path: str, fast_runs: list[dict], verl_runs: list[dict], plot_p
              "rewards are all equal. The method's own metrics are those its loss or selection step logs.", "",
              activity_table(fast_runs) if fast_runs else "", "",
              "### What each method ran", "",
-             "Read from each method's composed config (`hapo_verl/bench_learning/methods.py`). Archer's KL loss and "
-             "HAEPO's entropy bonus need a reference model or an entropy term the fast engine does not have: they are "
-             "listed, not silently dropped. Overlong shaping uses the task's buffer (4 tokens on Countdown), whatever the "
+             "Read from each method's composed config (`hapo_verl/bench_learning/methods.py`). Terms that need a "
+             "reference model or an entropy bonus, which the fast engine does not have, are listed per method, not "
+             "silently dropped. Overlong shaping uses the task's buffer (4 tokens on Countdown), whatever the "
              "config's length.", "", settings_table(fast_runs) if fast_runs else "", ""]
     if task_reports:
         parts += ["### The task at the start of RL (`--task-report`, each seed's warm-up checkpoint)", "",
