@@ -250,7 +250,8 @@ def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
     """Median seconds of verl's grpo_vectorized and of every registered estimator through verl's registry, measured
     interleaved on one batch: 0/1 rewards at each response's last token, random lengths, the rows of each prompt
     group shuffled over the batch (as after verl's balance_batch). Each estimator gets its default options and what
-    its spec needs (estimator_inputs, as the trainer provides it); batch statistics are computed beforehand."""
+    its spec needs (estimator_inputs, as the trainer provides it); batch statistics and step ends (lines of 20 tokens
+    on average) are computed beforehand."""
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
     from hapo_verl import registry
@@ -259,6 +260,8 @@ def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
     B, lengths, mask, tlr, index = grouped_batch(prompts, n, length)
     entropy = torch.rand(B, length) * 3
     old_log_prob = -torch.rand(B, length) * 2
+    # the step ends of step-level estimators: lines of 20 tokens on average (a line ends at random)
+    steps = torch.rand(B, length) < 0.05
     grpo = get_adv_estimator_fn("grpo_vectorized")
     fns = {"grpo_vectorized": lambda: grpo(token_level_rewards=tlr, response_mask=mask, index=index)}
     for name, spec in registry.estimator_specs().items():
@@ -273,7 +276,7 @@ def bench_registry_estimators(prompts: int, n: int, length: int, repeats: int,
         fn = get_adv_estimator_fn(name)
 
         def run(fn=fn, stats=stats):
-            with estimator_inputs(old_log_prob=old_log_prob, entropy=entropy, batch_stats=stats):
+            with estimator_inputs(old_log_prob=old_log_prob, entropy=entropy, batch_stats=stats, step_ends=steps):
                 fn(token_level_rewards=tlr, response_mask=mask, index=index, config={})
 
         fns[name] = run

@@ -27,7 +27,10 @@ BATCH_STATS = "batch_stats"  # the spec's batch statistics, computed once per st
 # statistics over the whole update mini-batch at the current θ: a forward-only pass over the mini-batch before its
 # update, summed over its micro-batches and the data-parallel ranks (spec.minibatch_stats / minibatch_finalize)
 MINIBATCH_STATS = "minibatch_stats"
-NEEDS = (OLD_ENTROPY, OLD_LOG_PROB, CURRENT_ENTROPY, BATCH_STATS, MINIBATCH_STATS)
+# (B, L) bool, true at the token that ends a reasoning step, for step-level estimators (EMPG): single-turn responses
+# have no agent turns, so a step is a line: it ends with a token whose text holds a newline (estimators only)
+RESPONSE_STEPS = "response_steps"
+NEEDS = (OLD_ENTROPY, OLD_LOG_PROB, CURRENT_ENTROPY, BATCH_STATS, MINIBATCH_STATS, RESPONSE_STEPS)
 
 # Metric names a loss returns that verl logs under ``actor/`` (verl's own names); others go to actor/<name>/.
 VERL_LOSS_METRICS = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
@@ -179,7 +182,8 @@ class LossInputs:
 @dataclass
 class AdvantageInputs:
     """What a registered advantage estimator receives: (B, L) tensors, (B,) contiguous group ids, and the old-policy
-    tensors or batch statistics its spec asked for (None otherwise)."""
+    tensors, batch statistics or step ends (:data:`RESPONSE_STEPS`: bool, true at the last token of each step; a
+    row's last step also ends at its last position) its spec asked for (None otherwise)."""
 
     token_level_rewards: Any
     response_mask: Any
@@ -187,6 +191,7 @@ class AdvantageInputs:
     old_log_prob: Any = None
     entropy: Any = None
     batch_stats: Mapping | None = None
+    step_ends: Any = None
 
 
 @dataclass
@@ -269,7 +274,8 @@ class AlgorithmSpec:
         loss_handles_kl: the loss adds the KL-to-reference term itself (verl's KL loss is then not added).
         advantage: ``advantage(inputs: AdvantageInputs, options) -> (advantages, returns, metrics)``; metrics floats.
         estimator_options: dataclass of the estimator's keys (``algorithm.<name>.*``).
-        estimator_needs: like ``loss_needs``, for the estimator (computed on the driver).
+        estimator_needs: like ``loss_needs``, for the estimator (computed on the driver); only an estimator can
+            need :data:`RESPONSE_STEPS`.
         batch_stats: ``batch_stats(old: OldPolicyBatch, options) -> stats``, once per step on the driver over the
             whole batch, with the loss options when the loss is active (else the defaults); ``stats`` is a JSON-able
             dict sent to the workers and handed to the loss and estimator.
@@ -463,7 +469,7 @@ def selection_specs() -> dict[str, AlgorithmSpec]:
 
 __all__ = [
     "AdvantageInputs", "AlgorithmSpec", "BATCH_STATS", "CURRENT_ENTROPY", "Gathered", "LossInputs", "MINIBATCH_STATS",
-    "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "VERL_LOSS_METRICS", "Variant", "algorithm", "describe_range", "discover",
+    "MiniBatchPart", "NEEDS", "OLD_ENTROPY", "OLD_LOG_PROB", "OldPolicyBatch", "RESPONSE_STEPS", "VERL_LOSS_METRICS", "Variant", "algorithm", "describe_range", "discover",
     "batch_stats_hooks", "estimator_specs", "get", "load_options", "rollout_stats_spec", "loss_specs", "option", "option_defaults", "register_algorithm",
     "specs", "validate_options",
 ]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY
+from hapo_verl.registry import BATCH_STATS, CURRENT_ENTROPY, MINIBATCH_STATS, OLD_ENTROPY, RESPONSE_STEPS
 from hapo_verl.tinyworld.tasks import family
 
 from hapo_verl.bench_learning.methods import FastSettings, fast_settings, grid_methods, methods
@@ -248,8 +248,13 @@ class FastRun:
         index = np.array(batch["uid"], dtype=object)
         spec = self.estimator_spec
         if spec is not None:
+            steps = None
+            if RESPONSE_STEPS in self.plan.estimator_needs:  # lines of the responses, as on verl's driver
+                from hapo_verl.integration.steps import line_end_tokens, step_ends
+
+                steps = step_ends(batch["tokens"], line_end_tokens(self.codec.tokenizer))
             with estimator_inputs(old_log_prob=batch["old_log_prob"], entropy=batch["entropy"],
-                                  batch_stats=batch_stats.get(spec.name)):
+                                  batch_stats=batch_stats.get(spec.name), step_ends=steps):
                 adv, _ = self.adv_fn(token_level_rewards=token_level_rewards, response_mask=batch["mask"],
                                      index=index, config=self.estimator_config)
         else:

@@ -1,7 +1,7 @@
 """Advantage estimators of the registry through verl's ``compute_advantage``.
 
 verl passes a fixed set of tensors to registered estimators (rewards, mask, uids, config): no old log-probs, no
-entropy, no batch statistics. The trainer makes what a spec needs available for the duration of that call
+entropy, no batch statistics, no token ids. The trainer makes what a spec needs available for the duration of that call
 (:func:`estimator_inputs`); the adapter reads it, calls the spec, and leaves the metrics for the trainer.
 """
 
@@ -27,9 +27,9 @@ class EstimatorNeedsTrainerError(RuntimeError):
 
 @contextlib.contextmanager
 def estimator_inputs(old_log_prob: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
-                     batch_stats=None):
+                     batch_stats=None, step_ends: torch.Tensor | None = None):
     token = _provided.set({registry.OLD_LOG_PROB: old_log_prob, registry.OLD_ENTROPY: entropy,
-                           registry.BATCH_STATS: batch_stats})
+                           registry.BATCH_STATS: batch_stats, registry.RESPONSE_STEPS: step_ends})
     try:
         yield
     finally:
@@ -66,7 +66,9 @@ def verl_estimator(spec: registry.AlgorithmSpec):
             entropy=_provided_value(spec, registry.OLD_ENTROPY, response_mask)
             if registry.OLD_ENTROPY in needs else None,
             batch_stats=_provided_value(spec, registry.BATCH_STATS, response_mask)
-            if registry.BATCH_STATS in needs else None)
+            if registry.BATCH_STATS in needs else None,
+            step_ends=_provided_value(spec, registry.RESPONSE_STEPS, response_mask)
+            if registry.RESPONSE_STEPS in needs else None)
         advantages, returns, metrics = spec.advantage(inputs, options)
         LAST_METRICS.clear()
         LAST_METRICS.update(metrics)

@@ -36,6 +36,7 @@ from hapo_verl import registry
 from hapo_verl.algorithms.entropy import EntropyStats, row_temperature_factor_from_entropy
 from hapo_verl.integration import estimator as estimator_glue
 from hapo_verl.integration import selection as selection_glue
+from hapo_verl.integration import steps as steps_glue
 from hapo_verl.integration.loss import BATCH_STATS_FIELD, RegisteredLoss
 from hapo_verl.integration.options import active_estimator_spec, active_loss_spec, estimator_options, loss_options
 from hapo_verl.sampling.request import TOKEN_TEMPERATURES_KEY, AdaptiveTemperatureRequest
@@ -78,6 +79,9 @@ class StepPlan:
         return plan
 
     def validate(self, config) -> None:
+        if registry.RESPONSE_STEPS in self.loss_needs:
+            raise ValueError(f"loss_mode={self.loss_spec.name}: only an advantage estimator can need the response "
+                             "steps (registry.RESPONSE_STEPS)")
         for spec in {s.name: s for s in (self.loss_spec, self.estimator_spec) if s is not None}.values():
             if spec.loss_requires_estimator and not (self.loss_spec is spec and self.estimator_spec is spec):
                 raise ValueError(
@@ -125,6 +129,15 @@ def fetch_old_policy(batch) -> dict[str, torch.Tensor]:
     padded = data.to_padded_tensor()
     return {"old_log_probs": padded["old_log_probs"].float(), "entropy": padded["entropy"].float(),
             "response_mask": padded["response_mask"].bool()}
+
+
+def fetch_step_ends(batch, tokenizer) -> torch.Tensor:
+    """(B, L) bool: the response tokens of the batch that end a step (a line: :mod:`hapo_verl.integration.steps`)."""
+    import transfer_queue as tq
+
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["responses"])
+    responses = data["responses"].to_padded_tensor(padding=-1)  # -1: padding ends no line
+    return steps_glue.step_ends(responses, steps_glue.line_end_tokens(tokenizer))
 
 
 class HAPOTrainerSync(PPOTrainerSync):
@@ -232,8 +245,9 @@ class HAPOTrainerSync(PPOTrainerSync):
         if spec is None:
             return super()._compute_advantage(batch, metrics)
         estimator_glue.LAST_METRICS.clear()
+        steps = fetch_step_ends(batch, self.tokenizer) if registry.RESPONSE_STEPS in self.plan.estimator_needs else None
         with estimator_glue.estimator_inputs(old_log_prob=old.get("old_log_probs"), entropy=old.get("entropy"),
-                                             batch_stats=self.batch_stats.get(spec.name)):
+                                             batch_stats=self.batch_stats.get(spec.name), step_ends=steps):
             batch = super()._compute_advantage(batch, metrics)
         for key, value in estimator_glue.LAST_METRICS.items():
             if isinstance(value, float) and math.isfinite(value):
