@@ -1,5 +1,5 @@
 """Shared helpers of the per-algorithm loss tests: verl actor configs of any registered loss, random batches,
-verl's aggregation and vanilla loss, worker-side batches, stub trainers and 2-step CPU runs."""
+verl's aggregation and vanilla loss, GRPO's loop reference, worker-side batches, stub trainers and 2-step CPU runs."""
 
 import json
 from unittest import mock
@@ -230,3 +230,22 @@ START_UP_OVERRIDES = [
     "trainer.n_gpus_per_node=1",
     "actor_rollout_ref.rollout.n=2",
 ]
+
+
+def grpo_loop(values, groups, eps=1e-6, norm_by_std=True):
+    """GRPO's normalisation of per-response values within each group, one response at a time, with verl's
+    conventions: unbiased std, a group of one has mean 0 and std 1."""
+    import math
+
+    adv = [0.0] * len(values)
+    for g in set(groups):
+        rows = [i for i in range(len(values)) if groups[i] == g]
+        vals = [values[i] for i in rows]
+        if len(rows) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for i in rows:
+            adv[i] = (values[i] - mean) / (std + eps) if norm_by_std else values[i] - mean
+    return adv

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import START_UP_OVERRIDES, two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, grpo_loop, two_step_run_metrics
 
 from hapo_verl.algorithms.empg import empg_step_advantages, per_position, step_cells
 from hapo_verl.integration.estimator import LAST_METRICS, EstimatorNeedsTrainerError, estimator_inputs
@@ -24,22 +24,6 @@ def _estimator(name="empg"):
 
 
 # ------------------------------------------------------------------------------------------------ loop reference
-def grpo_loop(scores, groups, eps=1e-6, norm_by_std=True):
-    """verl's GRPO outcome advantage per response (unbiased std; a group of one: mean 0, std 1)."""
-    adv = [0.0] * len(scores)
-    for g in set(groups):
-        rows = [i for i in range(len(scores)) if groups[i] == g]
-        vals = [scores[i] for i in rows]
-        if len(rows) == 1:
-            mean, std = 0.0, 1.0
-        else:
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-        for i in rows:
-            adv[i] = (scores[i] - mean) / (std + eps) if norm_by_std else scores[i] - mean
-    return adv
-
-
 def empg_loop(scores, mask, entropy, ends, groups, *, k=1.0, k_f=1.0, zeta=0.1, center="step", eps=1e-8,
               norm_by_std=True):
     """Eq. 7-12 of arXiv 2509.09265 (v1 numbering), one response and one step at a time, in float64 Python. A step

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import START_UP_OVERRIDES, two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, grpo_loop, two_step_run_metrics
 
 from hapo_verl.algorithms.grpo_s import grpo_s_shaped_rewards, response_mean_entropy
 from hapo_verl.algorithms.gtpo import gtpo_advantage
@@ -70,17 +70,7 @@ def grpo_s_loop(scores, mask, entropy, groups, *, beta1=1.0, beta2=0.1, base_rew
             base = beta1 * scores[j] if base_reward == "score" else -beta1
             inv = 1.0 / (mean_h[j] + eps)
             shaped[j] = base - beta2 * inv / sum(1.0 / (mean_h[k] + eps) for k in neg) * len(neg)
-    adv = [0.0] * B
-    for g in set(groups):
-        rows = [i for i in range(B) if groups[i] == g]
-        vals = [shaped[i] for i in rows]
-        if len(rows) == 1:
-            mean, std = 0.0, 1.0
-        else:
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-        for i in rows:
-            adv[i] = (shaped[i] - mean) / (std + eps) if norm_by_std else shaped[i] - mean
+    adv = grpo_loop(shaped, groups, eps=eps, norm_by_std=norm_by_std)
     return torch.tensor([[a * m for m in mask[i]] for i, a in enumerate(adv)], dtype=torch.float64)
 
 
