@@ -244,7 +244,8 @@ def test_composes_with_hapo_adaptive_temperature_and_hapo_loss():
     from hapo_verl.launcher import compose, prepare_config
     from hapo_verl.trainer.hapo_trainer import StepPlan
 
-    cfg = compose("empg", BASE + ["hapo.adaptive_temperature=true", "actor_rollout_ref.actor.policy_loss.loss_mode=hapo",
+    cfg = compose("empg", BASE + ["hapo.adaptive_temperature=true",
+                                  "actor_rollout_ref.actor.policy_loss.loss_mode=hapo",
                                   "actor_rollout_ref.rollout.agent.default_agent_loop=hapo_single_turn"])
     prepare_config(cfg)
     plan = StepPlan.from_config(cfg)

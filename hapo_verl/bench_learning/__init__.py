@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p.add_argument("--task", choices=TASK_NAMES, default="addvar",
                    help="addvar/add: reversed addition (kinds); countdown: Countdown puzzles, multi-line responses")
-    p.add_argument("--digits", type=int, default=None, metavar="N", help="reversed addition's operand digits (default 3)")
+    p.add_argument("--digits", type=int, default=None, metavar="N",
+                   help="reversed addition's operand digits (default 3)")
     p.add_argument("--heldout", type=int, default=None, metavar="N", help="held-out prompts (default 500, quick 50)")
     p.add_argument("--target-acc", type=float, default=None, metavar="ACC",
                    help="warm-up stops at this check accuracy (default: the task's, addition 0.15, countdown 0.3)")
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", nargs="+", default=None, metavar="LR:MINI:EPOCHS",
                    help="--task-report: vanilla PPO settings to measure (default 1e-4:2:1 1e-4:2:2 1e-4:4:2)")
     p.add_argument("--calibrate-steps", type=int, default=8, metavar="N", help="--task-report: RL steps per setting")
-    p.add_argument("--jobs", type=int, default=2, metavar="N", help="fast-mode runs in parallel (processes, 1 thread each)")
+    p.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="fast-mode runs in parallel (processes, 1 thread each)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="run records (default runs/bench_learning, or runs/bench_learning_<task>)")

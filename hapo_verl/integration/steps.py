@@ -1,4 +1,5 @@
-"""Reasoning steps of single-turn responses, for the estimators that need them (:data:`hapo_verl.registry.RESPONSE_STEPS`).
+"""Reasoning steps of single-turn responses, for the estimators that need them
+(:data:`hapo_verl.registry.RESPONSE_STEPS`).
 
 A single-turn response has no agent turns, so a step is a line: it ends with a token whose text holds a newline. The
 tokenizer decides which token ids those are (:func:`line_end_tokens`, once per tokenizer); the responses' step ends
@@ -14,8 +15,8 @@ _LINE_ENDS: dict = {}
 
 
 def line_end_tokens(tokenizer) -> torch.Tensor:
-    """(vocab,) bool: the token ids whose decoded text holds a newline. Cached per tokenizer (the vocabulary's ids
-    are decoded once, one at a time, as the rollout emits them)."""
+    """(vocab,) bool: the token ids whose text, decoded alone (as the rollout emits it), holds a newline. Computed
+    once per tokenizer."""
     key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
     found = _LINE_ENDS.get(key)
     if found is None:
@@ -23,8 +24,8 @@ def line_end_tokens(tokenizer) -> torch.Tensor:
                                        clean_up_tokenization_spaces=False)
         found = torch.tensor(["\n" in t for t in texts], dtype=torch.bool)
         if not found.any():
-            raise ValueError(f"tokenizer {key[1] or key[0]!r} has no token holding a newline: responses cannot be "
-                             "split into lines (the steps of adv_estimator's step-level statistics)")
+            raise ValueError(f"tokenizer {key[1] or key[0]!r} has no token holding a newline: the responses cannot be "
+                             "split into lines, the steps of the configured algorithm.adv_estimator")
         _LINE_ENDS[key] = found
     return found
 
