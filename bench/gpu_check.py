@@ -251,6 +251,7 @@ class Batch:
     ref: torch.Tensor
     rewards: torch.Tensor    # token-level rewards (outcome at the last valid token)
     group_ids: torch.Tensor  # (B,) long, contiguous
+    step_ends: torch.Tensor  # bool, the tokens that end a step (lines of 20 tokens on average)
 
     def to(self, device=None, dtype=None) -> "Batch":
         def move(t):
@@ -278,7 +279,8 @@ def make_batch(rows: int, length: int, n: int, device, seed: int = 0, min_len: i
     outcome = torch.randint(0, 2, (rows,), **kw).float() * 2 - 1
     rewards[torch.arange(rows, device=device), lengths - 1] = outcome
     group_ids = torch.arange(rows, device=device) // n
-    return Batch(old, new, adv, mask, entropy, ref, rewards, group_ids)
+    step_ends = torch.rand(rows, length, **kw) < 0.05  # drawn last: the other tensors are those of earlier runs
+    return Batch(old, new, adv, mask, entropy, ref, rewards, group_ids, step_ends)
 
 
 def registry_module():
@@ -364,7 +366,8 @@ def estimator_call(spec, batch: Batch, options=None):
     inputs = registry.AdvantageInputs(
         token_level_rewards=batch.rewards, response_mask=batch.mask.float(), group_ids=batch.group_ids,
         old_log_prob=batch.old if registry.OLD_LOG_PROB in needs else None,
-        entropy=batch.entropy if registry.OLD_ENTROPY in needs else None, batch_stats=stats)
+        entropy=batch.entropy if registry.OLD_ENTROPY in needs else None, batch_stats=stats,
+        step_ends=batch.step_ends if registry.RESPONSE_STEPS in needs else None)
     return lambda: spec.advantage(inputs, options)
 
 

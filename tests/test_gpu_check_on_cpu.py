@@ -273,7 +273,7 @@ def test_the_harness_calls_each_estimator_as_the_plugin_does(name):
     adv, ret, metrics = gc.estimator_call(spec, batch)()
     stats = gc.batch_stats_of(spec, batch) if spec.batch_stats is not None else None
     index = np.array([f"uid-{i}" for i in batch.group_ids.tolist()], dtype=object)
-    with estimator_inputs(old_log_prob=batch.old, entropy=batch.entropy, batch_stats=stats):
+    with estimator_inputs(old_log_prob=batch.old, entropy=batch.entropy, batch_stats=stats, step_ends=batch.step_ends):
         theirs, theirs_r = verl_estimator(spec)(token_level_rewards=batch.rewards, response_mask=batch.mask.float(),
                                                 index=index, config=OmegaConf.create({}))
     assert torch.equal(adv, theirs) and torch.equal(ret, theirs_r)
