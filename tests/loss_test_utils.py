@@ -2,6 +2,7 @@
 verl's aggregation and vanilla loss, GRPO's loop reference, worker-side batches, stub trainers and 2-step CPU runs."""
 
 import json
+import random
 from unittest import mock
 
 import torch
@@ -249,3 +250,27 @@ def grpo_loop(values, groups, eps=1e-6, norm_by_std=True):
         for i in rows:
             adv[i] = (values[i] - mean) / (std + eps) if norm_by_std else values[i] - mean
     return adv
+
+
+def random_group_batch(seed, max_len=9, holes=True):
+    """The estimator tests' batch: interleaved groups of sizes 1..16 (shuffled rows), 0/1 or ±1 rewards, prefix masks
+    (some of length 0 or 1) with optional holes (multi-turn masks), entropies with exact zeros and ties. Returns
+    (scores (B,), mask (B, L), entropy (B, L), group of each row)."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 16) for _ in range(rng.randint(1, 6))]
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    rng.shuffle(groups)
+    B, L = len(groups), rng.randint(1, max_len)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
+    if holes:
+        mask = mask * (torch.rand(B, L, generator=g) > 0.15).float()
+    entropy = torch.rand(B, L, generator=g) * 3
+    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.0
+    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.5
+    if seed % 2:
+        scores = torch.randint(0, 2, (B,), generator=g).float()
+    else:
+        scores = torch.randint(0, 2, (B,), generator=g).float() * 2 - 1
+    return scores, mask, entropy, groups

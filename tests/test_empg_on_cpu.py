@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import START_UP_OVERRIDES, grpo_loop, two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, grpo_loop, random_group_batch, two_step_run_metrics
 
 from hapo_verl.algorithms.empg import empg_step_advantages, per_position, step_cells
 from hapo_verl.integration.estimator import LAST_METRICS, EstimatorNeedsTrainerError, estimator_inputs
@@ -62,25 +62,11 @@ def empg_loop(scores, mask, entropy, ends, groups, *, k=1.0, k_f=1.0, zeta=0.1, 
     return torch.tensor(out, dtype=torch.float64)
 
 
-def random_batch(seed, max_len=12):
-    """Interleaved groups of sizes 1..16, 0/1 or ±1 rewards, prefix masks (some of length 0 or 1) with holes, step
-    ends at random (lines of a few tokens; in some batches every row one line), entropies with exact zeros and ties."""
-    rng = random.Random(seed)
-    sizes = [rng.randint(1, 16) for _ in range(rng.randint(1, 6))]
-    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
-    rng.shuffle(groups)
-    B, L = len(groups), rng.randint(1, max_len)
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, L + 1, (B,), generator=g)
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
-    mask = mask * (torch.rand(B, L, generator=g) > 0.15).float()
-    ends = torch.rand(B, L, generator=g) < rng.choice([0.0, 0.3, 0.5])
-    entropy = torch.rand(B, L, generator=g) * 3
-    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.0
-    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.5
-    scores = torch.randint(0, 2, (B,), generator=g).float()
-    if seed % 2:
-        scores = scores * 2 - 1
+def random_batch(seed):
+    """:func:`random_group_batch` with step ends at random: lines of a few tokens, or every row one line."""
+    scores, mask, entropy, groups = random_group_batch(seed, max_len=12)
+    g = torch.Generator().manual_seed(seed + 1000)
+    ends = torch.rand(mask.shape, generator=g) < random.Random(seed).choice([0.0, 0.3, 0.5])
     return scores, mask, entropy, ends, groups
 
 

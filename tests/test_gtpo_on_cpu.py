@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loss_test_utils import START_UP_OVERRIDES, grpo_loop, two_step_run_metrics
+from loss_test_utils import START_UP_OVERRIDES, grpo_loop, random_group_batch, two_step_run_metrics
 
 from hapo_verl.algorithms.grpo_s import grpo_s_shaped_rewards, response_mean_entropy
 from hapo_verl.algorithms.gtpo import gtpo_advantage
@@ -74,32 +74,9 @@ def grpo_s_loop(scores, mask, entropy, groups, *, beta1=1.0, beta2=0.1, base_rew
     return torch.tensor([[a * m for m in mask[i]] for i, a in enumerate(adv)], dtype=torch.float64)
 
 
-def random_batch(seed, max_len=9, holes=True):
-    """Interleaved groups of sizes 1..16 (shuffled rows), 0/1 or ±1 rewards, prefix masks (some of length 0 or 1)
-    with optional holes (multi-turn masks), entropies with exact zeros and ties."""
-    rng = random.Random(seed)
-    sizes = [rng.randint(1, 16) for _ in range(rng.randint(1, 6))]
-    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
-    rng.shuffle(groups)
-    B, L = len(groups), rng.randint(1, max_len)
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, L + 1, (B,), generator=g)
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).float()
-    if holes:
-        mask = mask * (torch.rand(B, L, generator=g) > 0.15).float()
-    entropy = torch.rand(B, L, generator=g) * 3
-    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.0
-    entropy[torch.rand(B, L, generator=g) < 0.1] = 0.5
-    if seed % 2:
-        scores = torch.randint(0, 2, (B,), generator=g).float()
-    else:
-        scores = torch.randint(0, 2, (B,), generator=g).float() * 2 - 1
-    return scores, mask, entropy, groups
-
-
 @pytest.mark.parametrize("seed", range(24))
 def test_gtpo_vectorised_equals_the_loop_reference(seed):
-    scores, mask, entropy, groups = random_batch(seed)
+    scores, mask, entropy, groups = random_group_batch(seed)
     rng = random.Random(seed)
     kw = dict(alpha1=rng.choice([1.0, 0.9]), alpha2=rng.choice([0.1, 0.2, 0.0]),
               normalization=rng.choice(["separate", "joint"]), base_reward=rng.choice(["paper", "score"]))
@@ -113,7 +90,7 @@ def test_gtpo_vectorised_equals_the_loop_reference(seed):
 
 @pytest.mark.parametrize("seed", range(24))
 def test_grpo_s_vectorised_equals_the_loop_reference(seed):
-    scores, mask, entropy, groups = random_batch(seed)
+    scores, mask, entropy, groups = random_group_batch(seed)
     rng = random.Random(seed)
     kw = dict(beta1=rng.choice([1.0, 0.9]), beta2=rng.choice([0.1, 0.2, 0.0]),
               base_reward=rng.choice(["paper", "score"]))
@@ -129,9 +106,9 @@ def test_grpo_s_vectorised_equals_the_loop_reference(seed):
 
 
 def equal_size_batch(seed, size, layout):
-    """A random_batch regrouped into groups of ``size`` rows: consecutive blocks in a shuffled group order
+    """A random_group_batch regrouped into groups of ``size`` rows: consecutive blocks in a shuffled group order
     (``contiguous``, verl's rollout layout) or rows shuffled over the batch (``interleaved``, after balance_batch)."""
-    scores, mask, entropy, _ = random_batch(seed)
+    scores, mask, entropy, _ = random_group_batch(seed)
     rows = len(scores) - len(scores) % size
     if rows == 0:
         scores, mask, entropy = scores.repeat(size), mask.repeat(size, 1), entropy.repeat(size, 1)
@@ -194,7 +171,7 @@ def test_gtpo_cache_sized_chunks_do_not_change_the_result(seed, monkeypatch):
     import hapo_verl.algorithms.gtpo as gtpo
 
     size = [2, 3, 4, 8, 16, 5][seed]
-    for scores, mask, entropy, groups in (random_batch(seed), equal_size_batch(seed, size, "interleaved")):
+    for scores, mask, entropy, groups in (random_group_batch(seed), equal_size_batch(seed, size, "interleaved")):
         gid = torch.as_tensor(groups)
         expected = gtpo_loop(scores, mask, entropy, gid.tolist())
         for grouped in (True, False):
@@ -303,7 +280,7 @@ def test_inverse_entropy_blames_confident_wrong_tokens_more():
 
 
 def test_alpha2_zero_leaves_only_the_base_reward():
-    scores, mask, entropy, groups = random_batch(3)
+    scores, mask, entropy, groups = random_group_batch(3)
     gid = torch.tensor(groups)
     # Eq. 4 as written: every correct token has reward α₁, every wrong one -α₁; each set is constant -> 0
     got, _ = gtpo_advantage(scores, mask, entropy, gid, alpha2=0.0)
@@ -322,7 +299,7 @@ def test_grpo_s_with_beta2_zero_is_verl_grpo(rewards):
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     for seed in range(6):
-        scores, mask, entropy, groups = random_batch(seed, holes=False)
+        scores, mask, entropy, groups = random_group_batch(seed, holes=False)
         if rewards == "binary":
             scores = (scores > 0).float()
             # verl gives a group of one its raw score, GRPO-S β₁·(−1) for a wrong one: compare groups of 2..16
@@ -368,7 +345,7 @@ def test_degenerate_inputs_give_finite_advantages(name):
             assert adv.abs().max() < 1e3, (name, case, adv)
         assert all(math.isfinite(v) for v in LAST_METRICS.values()), LAST_METRICS
     # zero entropy everywhere: all weights equal, as with equal entropies (responses with at least one token)
-    scores, mask, _, groups = random_batch(5)
+    scores, mask, _, groups = random_group_batch(5)
     keep = mask.sum(-1) > 0
     scores, mask, groups = scores[keep], mask[keep], [g for g, k in zip(groups, keep.tolist()) if k]
     tlr = torch.zeros_like(mask)
